@@ -1,0 +1,234 @@
+//! Maps, configuration and packet decoding shared by every hook.
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+    },
+    macros::map,
+    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use conntrack_ebpf::{stat, AggKey, Config, FlowEvent, FlowTuple, FAMILY_V4, FAMILY_V6};
+
+/// Written by userspace before load (offsets from BTF); zero means "not set".
+#[unsafe(no_mangle)]
+pub static CONFIG: Config = Config {
+    reason_netfilter_drop: 0,
+    stream_new: 0,
+    skb_nfct: 0,
+    skb_sk: 0,
+    skb_dev: 0,
+    skb_head: 0,
+    skb_network_header: 0,
+    skb_protocol: 0,
+    skb_iif: 0,
+    skb_refdst: 0,
+    dst_dev: 0,
+    dev_ifindex: 0,
+    dev_nd_net: 0,
+    net_inum: 0,
+    sk_net: 0,
+    sk_socket: 0,
+    socket_to_inode: 0,
+    inode_ino: 0,
+    state_hook: 0,
+    state_in: 0,
+    state_out: 0,
+    state_net: 0,
+    state_sk: 0,
+    sk_state: 0,
+};
+
+/// 16 MiB: about 160k events of slack before a burst starts losing events.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+/// Per-CPU scratch event: a `FlowEvent` is too big for the 512-byte BPF stack
+/// next to everything else a hook holds.
+#[map]
+static SCRATCH: PerCpuArray<FlowEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Returns this CPU's scratch event, zeroed so no stale bytes reach userspace.
+#[inline(always)]
+pub fn scratch_event() -> Option<&'static mut FlowEvent> {
+    let p = SCRATCH.get_ptr_mut(0)?;
+    unsafe {
+        core::ptr::write_bytes(p, 0, 1);
+        Some(&mut *p)
+    }
+}
+
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// Per-CPU drop counts by attribution key: exact totals even when the ring
+/// buffer overflows during a flood.
+#[map]
+pub static DROPS: PerCpuHashMap<AggKey, u64> = PerCpuHashMap::with_max_entries(16384, 0);
+
+/// Reads one `Config` field without letting the compiler fold the zero
+/// initialiser into a constant.
+macro_rules! conf {
+    ($f:ident) => {
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!($crate::common::CONFIG.$f)) }
+    };
+}
+pub(crate) use conf;
+
+#[inline(always)]
+pub fn bump(idx: u32) {
+    if let Some(p) = STATS.get_ptr_mut(idx) {
+        unsafe { *p += 1 };
+    }
+}
+
+/// Reads a `T` at `base + off` from kernel memory.
+#[inline(always)]
+pub fn rd<T>(base: u64, off: u32) -> Result<T, i32> {
+    if base == 0 {
+        return Err(-14);
+    }
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }
+}
+
+/// `net->ns.inum`, or 0 if `net` is unreadable.
+#[inline(always)]
+pub fn net_inum(net: u64) -> u32 {
+    rd::<u32>(net, conf!(net_inum)).unwrap_or(0)
+}
+
+/// Inode number of the `struct socket` behind `sk`, for full sockets only:
+/// request and time-wait socks are shorter and have no `sk_socket`.
+#[inline(always)]
+pub fn sock_ino(sk: u64) -> u64 {
+    const TCP_TIME_WAIT: u8 = 6;
+    const TCP_NEW_SYN_RECV: u8 = 12;
+    let state = rd::<u8>(sk, conf!(sk_state)).unwrap_or(TCP_TIME_WAIT);
+    if state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV {
+        return 0;
+    }
+    let socket = rd::<u64>(sk, conf!(sk_socket)).unwrap_or(0);
+    if socket == 0 {
+        return 0;
+    }
+    rd::<u64>(socket + conf!(socket_to_inode) as u64, conf!(inode_ino)).unwrap_or(0)
+}
+
+/// Fills `ev.tuple` from the IP header at `ip`. Returns false if the L3
+/// header is unreadable; a missing L4 header only sets `NO_L4`.
+#[inline(always)]
+pub fn decode_ip(ip: u64, ev: &mut FlowEvent) -> bool {
+    let first: u8 = match rd(ip, 0) {
+        Ok(b) => b,
+        Err(_) => return false,
+    };
+    let t: &mut FlowTuple = &mut ev.tuple;
+    let l4: u64;
+    match first >> 4 {
+        4 => {
+            let h: [u8; 20] = match rd(ip, 0) {
+                Ok(h) => h,
+                Err(_) => return false,
+            };
+            t.family = FAMILY_V4;
+            t.proto = h[9];
+            t.saddr[..4].copy_from_slice(&h[12..16]);
+            t.daddr[..4].copy_from_slice(&h[16..20]);
+            let frag_off = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
+            if frag_off != 0 {
+                ev.flags |= conntrack_ebpf::flags::NO_L4;
+                return true;
+            }
+            l4 = ip + ((h[0] & 0x0f) as u64) * 4;
+        }
+        6 => {
+            let h: [u8; 40] = match rd(ip, 0) {
+                Ok(h) => h,
+                Err(_) => return false,
+            };
+            t.family = FAMILY_V6;
+            t.proto = h[6];
+            t.saddr.copy_from_slice(&h[8..24]);
+            t.daddr.copy_from_slice(&h[24..40]);
+            // Extension headers are rare on the flows that fill a table;
+            // report them by next-header with no ports rather than walk them.
+            l4 = ip + 40;
+        }
+        _ => return false,
+    }
+    let p: [u8; 8] = match t.proto {
+        6 | 17 | 132 | 136 | 33 | 1 | 58 => match rd(l4, 0) {
+            Ok(p) => p,
+            Err(_) => {
+                ev.flags |= conntrack_ebpf::flags::NO_L4;
+                return true;
+            }
+        },
+        _ => {
+            ev.flags |= conntrack_ebpf::flags::NO_L4;
+            return true;
+        }
+    };
+    if t.proto == 1 || t.proto == 58 {
+        // ICMP: id as the "source port", type/code as the "destination port",
+        // the same way conntrack keys these flows.
+        t.sport = u16::from_be_bytes([p[4], p[5]]);
+        t.dport = u16::from_be_bytes([p[0], p[1]]);
+    } else {
+        t.sport = u16::from_be_bytes([p[0], p[1]]);
+        t.dport = u16::from_be_bytes([p[2], p[3]]);
+    }
+    true
+}
+
+/// Stamps the current task onto the event (callers decide whether the task
+/// is meaningful: only in LOCAL_OUT task context).
+#[inline(always)]
+pub fn fill_task(ev: &mut FlowEvent) {
+    let pt = bpf_get_current_pid_tgid();
+    ev.pid = (pt >> 32) as u32;
+    ev.tid = pt as u32;
+    ev.comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+    ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    ev.flags |= conntrack_ebpf::flags::TASK;
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Adds one to the per-CPU count of this event's attribution key. A full
+/// map is counted in `AGG_OVERFLOW` and reported as "other".
+#[inline(always)]
+pub fn aggregate(ev: &FlowEvent) {
+    let key = AggKey {
+        saddr: ev.tuple.saddr,
+        cgroup_id: ev.cgroup_id,
+        sock_ino: ev.sock_ino,
+        netns: ev.netns,
+        tgid: ev.pid,
+        comm: ev.comm,
+        dport: ev.tuple.dport,
+        family: ev.tuple.family,
+        proto: ev.tuple.proto,
+        role: ev.role,
+        kind: ev.kind,
+        _pad: [0; 2],
+    };
+    if let Some(v) = DROPS.get_ptr_mut(&key) {
+        unsafe { *v += 1 };
+        return;
+    }
+    if DROPS.insert(&key, &1u64, 0).is_ok() {
+        return;
+    }
+    bump(stat::AGG_OVERFLOW);
+}
+
+/// Copies the event onto the ring buffer; a full buffer is counted, not hidden.
+#[inline(always)]
+pub fn emit(ev: &FlowEvent) {
+    if EVENTS.output::<FlowEvent>(ev, 0).is_err() {
+        bump(stat::RB_LOST);
+    }
+}

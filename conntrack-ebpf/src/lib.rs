@@ -1,0 +1,173 @@
+//! Types shared by the ctwatch kernel programs and userspace.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding and no `bool`, so the
+//! byte layout is the same on both sides and no padding byte is left for the
+//! compiler to fill with whatever the kernel stack held.
+#![no_std]
+
+/// Kind of a [`FlowEvent`].
+pub mod kind {
+    /// A packet dropped because conntrack could not create an entry (table full).
+    pub const DROP: u8 = 1;
+    /// An unassured entry evicted (`early_drop`) to make room for a new one.
+    pub const EVICT: u8 = 2;
+    /// An insert that lost a race with an identical entry (`insert_failed`).
+    pub const CLASH: u8 = 3;
+    /// A new entry created (only streamed when userspace asks for it).
+    pub const NEW: u8 = 4;
+}
+
+/// Which side of the host the flow came from, decided in kernel.
+pub mod role {
+    /// Inbound or forwarded (PRE_ROUTING): `current` means nothing here.
+    pub const INBOUND: u8 = 1;
+    /// Locally generated (LOCAL_OUT): the sending socket is known.
+    pub const LOCAL: u8 = 2;
+}
+
+/// Bits of [`FlowEvent::flags`].
+pub mod flags {
+    /// pid/tid/comm/cgroup are the sending task's (task context, socket present).
+    pub const TASK: u8 = 1 << 0;
+    /// The L4 header could not be read: ports are zero.
+    pub const NO_L4: u8 = 1 << 1;
+}
+
+/// Indexes of the per-CPU `STATS` array.
+pub mod stat {
+    /// Conntrack drops with no conntrack entry attached (table-full candidates).
+    pub const MATCHED: u32 = 0;
+    /// Ring-buffer reservations that failed: events lost to userspace.
+    pub const RB_LOST: u32 = 1;
+    /// Drops that did not fit the in-kernel aggregation map (reported as `other`).
+    pub const AGG_OVERFLOW: u32 = 2;
+    /// Packets whose headers could not be read (still counted as drops).
+    pub const DECODE_ERR: u32 = 3;
+    /// Every `NETFILTER_DROP`, whatever the rule: context for the reconciliation.
+    pub const NF_DROP_ANY: u32 = 4;
+    /// Successful early-drop evictions (kernel-probe modes).
+    pub const EVICTIONS: u32 = 5;
+    /// Insert clashes (kernel-probe modes).
+    pub const CLASHES: u32 = 6;
+    /// Entries created (kernel-probe modes).
+    pub const NEW: u32 = 7;
+    /// Entries freed (kernel-probe modes).
+    pub const FREED: u32 = 8;
+    pub const COUNT: u32 = 16;
+}
+
+/// Address family values used in [`FlowTuple::family`].
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// One direction of a flow. Addresses are in network order (IPv4 in the first
+/// four bytes), ports in host order. For ICMP, `sport` is the id and `dport`
+/// is `type << 8 | code`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowTuple {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+}
+
+/// A record on the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FlowEvent {
+    pub ts_ns: u64,
+    pub cgroup_id: u64,
+    /// Inode number of the sending socket (0 when there is none); userspace
+    /// maps it to the process that holds the socket.
+    pub sock_ino: u64,
+    pub tuple: FlowTuple,
+    pub netns: u32,
+    pub pid: u32,
+    pub tid: u32,
+    pub ifindex_in: u32,
+    pub ifindex_out: u32,
+    pub kind: u8,
+    pub role: u8,
+    pub flags: u8,
+    pub _pad: u8,
+    pub comm: [u8; 16],
+}
+
+/// Key of the per-CPU `DROPS` aggregation map: everything attribution needs,
+/// nothing per-flow (source port), so a flood from one source is one key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AggKey {
+    pub saddr: [u8; 16],
+    pub cgroup_id: u64,
+    pub sock_ino: u64,
+    pub netns: u32,
+    pub tgid: u32,
+    pub comm: [u8; 16],
+    pub dport: u16,
+    pub family: u8,
+    pub proto: u8,
+    pub role: u8,
+    pub kind: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Kernel struct offsets and enum values, resolved from BTF by userspace at
+/// load time and written into the `CONFIG` global before the programs load.
+/// Rust eBPF has no CO-RE relocations, so this is how one object serves
+/// every kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// `SKB_DROP_REASON_NETFILTER_DROP` on this kernel.
+    pub reason_netfilter_drop: u32,
+    /// Userspace asked for `kind::NEW` events on the ring buffer.
+    pub stream_new: u32,
+    pub skb_nfct: u32,
+    pub skb_sk: u32,
+    pub skb_dev: u32,
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_protocol: u32,
+    pub skb_iif: u32,
+    pub skb_refdst: u32,
+    pub dst_dev: u32,
+    pub dev_ifindex: u32,
+    pub dev_nd_net: u32,
+    pub net_inum: u32,
+    pub sk_net: u32,
+    pub sk_socket: u32,
+    /// `offsetof(struct socket_alloc, vfs_inode) - offsetof(struct socket_alloc, socket)`
+    pub socket_to_inode: u32,
+    pub inode_ino: u32,
+    /// `offsetof(struct nf_hook_state, hook)` and friends (kernel-probe modes).
+    pub state_hook: u32,
+    pub state_in: u32,
+    pub state_out: u32,
+    pub state_net: u32,
+    pub state_sk: u32,
+    /// `sock.__sk_common.skc_state` (u8): tells full sockets from request/time-wait socks.
+    pub sk_state: u32,
+}
+
+/// Size of a [`FlowEvent`] on the ring buffer; userspace rejects other sizes.
+pub const FLOW_EVENT_SIZE: usize = core::mem::size_of::<FlowEvent>();
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data, repr(C), every bit pattern valid, padding explicit.
+    unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::AggKey {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::FlowTuple {}
+}
+
+// Layout is part of the kernel/user ABI: fail the build if it drifts.
+const _: () = assert!(core::mem::size_of::<FlowTuple>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 104);
+const _: () = assert!(core::mem::size_of::<AggKey>() == 64);
+const _: () = assert!(core::mem::size_of::<Config>() == 96);

@@ -1,0 +1,228 @@
+//! Checks what the kernel offers, picks the attach mode, loads and attaches
+//! the eBPF programs. The choice is made here and nowhere else, from the
+//! table in [`crate::compat`].
+use std::path::Path;
+
+use aya::{
+    programs::{Program, RawTracePoint},
+    Ebpf, EbpfLoader,
+};
+
+use crate::{
+    btf::{self, BtfError, KernelBtf},
+    compat::{self, Attach, Mode, ProbeSpec},
+};
+
+/// The eBPF object, embedded at build time by `build.rs` (empty when the
+/// crate was built without `cargo xtask build`, e.g. for unit tests).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ctwatch-ebpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("ctwatch needs root, or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (missing {0}): run it with sudo")]
+    Privileges(String),
+    #[error("nf_conntrack is not loaded in this kernel: run `modprobe nf_conntrack` (or the kernel lacks CONFIG_NF_CONNTRACK)")]
+    NoConntrack,
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error("this ctwatch binary carries no eBPF object: build it with `cargo xtask build` (or run `cargo xtask run -- ...`)")]
+    NoObject,
+    #[error("kernel {0} has no BPF ring buffer (needs 5.8 or later): ctwatch cannot run on it")]
+    NoRingBuf(String),
+    #[error("loading the eBPF object failed on kernel {release}: {detail}")]
+    Load { release: String, detail: String },
+    #[error("{mode} mode: {program} ({purpose}) failed to {stage} on kernel {release}: {detail}{hint}")]
+    Probe {
+        mode: Mode,
+        program: &'static str,
+        purpose: &'static str,
+        stage: &'static str,
+        release: String,
+        detail: String,
+        hint: String,
+    },
+    #[error("no attach mode works on kernel {release}: {tried}")]
+    NoMode { release: String, tried: String },
+}
+
+/// What the caller asks for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadRequest {
+    /// `None` means auto: try [`compat::AUTO_ORDER`] in order.
+    pub mode: Option<Mode>,
+    /// Stream one event per new conntrack entry (kernel-probe modes only).
+    pub stream_new: bool,
+}
+
+/// Loaded and attached programs. Dropping it detaches everything: every
+/// link is file-descriptor based and nothing is pinned.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub mode: Mode,
+    pub attached: Vec<&'static str>,
+    pub release: String,
+}
+
+/// Formats an error with its whole `source()` chain on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Missing capabilities, by name (empty when we have what we need).
+fn missing_caps() -> Vec<&'static str> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let eff = procfs::process::Process::myself()
+        .and_then(|p| p.status())
+        .map(|s| s.capeff)
+        .unwrap_or(0);
+    let mut missing = Vec::new();
+    // CAP_SYS_ADMIN implies the other two on every kernel that has them.
+    if eff & (1 << CAP_SYS_ADMIN) == 0 {
+        if eff & (1u64 << CAP_BPF) == 0 {
+            missing.push("CAP_BPF");
+        }
+        if eff & (1u64 << CAP_PERFMON) == 0 {
+            missing.push("CAP_PERFMON");
+        }
+        // Needed to enter other network namespaces for their counters.
+        missing.push("CAP_SYS_ADMIN");
+    }
+    missing
+}
+
+/// Checks that do not depend on the mode: privileges, conntrack, BTF.
+pub fn preflight() -> Result<KernelBtf, LoadError> {
+    let missing = missing_caps();
+    if !missing.is_empty() {
+        return Err(LoadError::Privileges(missing.join(", ")));
+    }
+    if !Path::new("/proc/sys/net/netfilter/nf_conntrack_max").exists()
+        && !Path::new("/sys/module/nf_conntrack").exists()
+    {
+        return Err(LoadError::NoConntrack);
+    }
+    let btf = KernelBtf::load()?;
+    Ok(btf.with_module("nf_conntrack")?)
+}
+
+/// Chooses, loads and attaches. Prints nothing: the caller says which mode
+/// it got.
+pub fn load(req: &LoadRequest) -> Result<Loaded, LoadError> {
+    let kbtf = preflight()?;
+    if OBJECT.is_empty() {
+        return Err(LoadError::NoObject);
+    }
+    let release = btf::kernel_release();
+    let candidates: Vec<Mode> = match req.mode {
+        Some(m) => vec![m],
+        None => compat::AUTO_ORDER.to_vec(),
+    };
+    let mut tried = Vec::new();
+    for mode in &candidates {
+        match load_mode(*mode, req, &kbtf, &release) {
+            Ok(l) => return Ok(l),
+            // A forced mode reports its own failure as is.
+            Err(e) if req.mode.is_some() => return Err(e),
+            Err(e) => {
+                log::info!("{mode} mode unavailable: {e}");
+                tried.push(format!("{mode}: {e}"));
+            }
+        }
+    }
+    Err(LoadError::NoMode {
+        release,
+        tried: tried.join("; "),
+    })
+}
+
+fn load_mode(
+    mode: Mode,
+    req: &LoadRequest,
+    kbtf: &KernelBtf,
+    release: &str,
+) -> Result<Loaded, LoadError> {
+    let mut config = btf::resolve_config(kbtf)?;
+    config.stream_new = req.stream_new as u32;
+    let mut ebpf = EbpfLoader::new()
+        .override_global("CONFIG", &config, true)
+        .load(OBJECT)
+        .map_err(|e| classify_load_error(e, release))?;
+    let mut attached = Vec::new();
+    for spec in compat::probes_for(mode) {
+        match attach(&mut ebpf, spec, release) {
+            Ok(()) => attached.push(spec.program),
+            Err(e) if spec.required => return Err(e),
+            Err(e) => log::warn!("optional probe skipped: {e}"),
+        }
+    }
+    Ok(Loaded {
+        ebpf,
+        mode,
+        attached,
+        release: release.to_string(),
+    })
+}
+
+fn classify_load_error(e: aya::EbpfError, release: &str) -> LoadError {
+    let detail = chain(&e);
+    if let aya::EbpfError::MapError(aya::maps::MapError::CreateError { name, .. }) = &e {
+        if name == "EVENTS"
+            && compat::parse_release(release).is_some_and(|v| v < (5, 8))
+        {
+            return LoadError::NoRingBuf(release.to_string());
+        }
+    }
+    LoadError::Load {
+        release: release.to_string(),
+        detail,
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec, release: &str) -> Result<(), LoadError> {
+    let fail = |stage: &'static str, detail: String| {
+        let old = compat::parse_release(release).is_some_and(|v| v < spec.min_kernel);
+        let hint = if old {
+            format!(
+                " (this attach point needs kernel {}.{}+)",
+                spec.min_kernel.0, spec.min_kernel.1
+            )
+        } else if detail.contains("Operation not permitted") {
+            " (the kernel refused this program type: lockdown, or a missing capability)".into()
+        } else {
+            String::new()
+        };
+        LoadError::Probe {
+            mode: spec.mode,
+            program: spec.program,
+            purpose: spec.purpose,
+            stage,
+            release: release.to_string(),
+            detail,
+            hint,
+        }
+    };
+    let prog = ebpf
+        .program_mut(spec.program)
+        .ok_or_else(|| fail("load", "program missing from the eBPF object".into()))?;
+    match (spec.attach, prog) {
+        (Attach::RawTracepoint(tp), Program::RawTracePoint(p)) => {
+            let p: &mut RawTracePoint = p;
+            p.load().map_err(|e| fail("load", chain(&e)))?;
+            p.attach(tp).map_err(|e| fail("attach", chain(&e)))?;
+        }
+        (_, _) => return Err(fail("load", "program type does not match the compat table".into())),
+    }
+    Ok(())
+}

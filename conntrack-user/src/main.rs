@@ -1,0 +1,48 @@
+use std::process::ExitCode;
+
+use ctwatch::{
+    cli::{Command, Settings},
+    commands, loader,
+};
+
+fn main() -> ExitCode {
+    let settings = match Settings::from_args() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ctwatch: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let level = match settings.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp(None)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ctwatch: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match settings.command {
+            Command::Drops { json, max_lines } => commands::drops::run(&settings, json, max_lines).await,
+            Command::Report { duration, json } => commands::report::run(&settings, duration, json).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ctwatch: {}", loader::chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

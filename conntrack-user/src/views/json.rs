@@ -1,0 +1,87 @@
+//! JSON documents and JSON lines (schemas in docs/json.md).
+use serde::Serialize;
+
+use crate::{
+    aggregate::{Item, RowKey},
+    event::FlowRecord,
+    reconcile::NetnsRow,
+};
+
+/// The `ctwatch report --json` document.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub mode: String,
+    pub kernel: String,
+    pub duration_s: f64,
+    /// Ring-buffer records lost (full buffer) or refused by the decoder.
+    pub lost_events: u64,
+    pub netns: Vec<NetnsRow>,
+    pub drops: crate::aggregate::Breakdown,
+    /// Where ctwatch and the kernel's counters disagree, and why.
+    pub reconciliation: Vec<String>,
+    pub counters: ReportCounters,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ReportCounters {
+    /// Every NETFILTER_DROP in the window, rule drops included.
+    pub netfilter_drops_any: u64,
+    /// Drops counted in total but beyond the in-kernel key budget ("other").
+    pub aggregation_overflow: u64,
+    /// Drops whose packet headers could not be read (counted, not decoded).
+    pub decode_errors: u64,
+}
+
+/// One process row as it appears on a drop line.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessRef {
+    pub key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+}
+
+impl From<&RowKey> for ProcessRef {
+    fn from(r: &RowKey) -> Self {
+        Self {
+            key: r.key.clone(),
+            pid: r.pid,
+            role: r.role,
+        }
+    }
+}
+
+/// One `ctwatch drops --json` line for a single dropped flow.
+#[derive(Debug, Clone, Serialize)]
+pub struct DropLine<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(flatten)]
+    pub flow: &'a FlowRecord,
+    pub netns_name: Option<String>,
+    pub process: ProcessRef,
+}
+
+/// One `ctwatch drops --json` line summarising a second of heavy drops.
+#[derive(Debug, Clone, Serialize)]
+pub struct SummaryLine {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Unix time (seconds) at the end of the interval.
+    pub ts: f64,
+    pub interval_s: f64,
+    /// Exact, from the in-kernel counter.
+    pub drops: u64,
+    /// Drops printed individually before the stream switched to summaries.
+    pub shown: u64,
+    pub lost_events: u64,
+    pub by_dst_port: Vec<Item>,
+    pub by_src_ip: Vec<Item>,
+    pub by_process: Vec<Item>,
+    pub by_netns: Vec<Item>,
+}
+
+pub fn line<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}

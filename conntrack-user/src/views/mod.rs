@@ -1,0 +1,4 @@
+//! How results reach people and programs: text lines, JSON lines, and the
+//! report document. Views format; they never read the kernel.
+pub mod json;
+pub mod text;

@@ -1,0 +1,125 @@
+//! Text for people: one line per dropped flow, and the report.
+use std::fmt::Write;
+
+use crate::{
+    aggregate::{Item, RowKey},
+    event::{FlowRecord, Role},
+    views::json::{Report, SummaryLine},
+};
+
+fn endpoint(ip: &std::net::IpAddr, port: u16) -> String {
+    match ip {
+        std::net::IpAddr::V6(_) => format!("[{ip}]:{port}"),
+        std::net::IpAddr::V4(_) => format!("{ip}:{port}"),
+    }
+}
+
+pub fn process(r: &RowKey) -> String {
+    match (r.pid, r.role) {
+        (Some(pid), Some(role)) => format!("{role} {}[{pid}]", r.key),
+        (None, Some(role)) => format!("{role} {}", r.key),
+        (Some(pid), None) => format!("{}[{pid}]", r.key),
+        (None, None) => r.key.clone(),
+    }
+}
+
+fn clock(ts: std::time::SystemTime) -> String {
+    let d = ts
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let s = d.as_secs() % 86400;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        s / 3600,
+        (s / 60) % 60,
+        s % 60,
+        d.subsec_millis()
+    )
+}
+
+pub fn drop_line(r: &FlowRecord, netns_name: Option<&str>, owner: &RowKey) -> String {
+    let t = &r.tuple;
+    let ns = match netns_name {
+        Some(n) => format!("{} ({n})", r.netns),
+        None => r.netns.to_string(),
+    };
+    let dir = match r.role {
+        Role::Inbound if r.ifindex_in != 0 => format!(" in if{}", r.ifindex_in),
+        Role::Local if r.ifindex_out != 0 => format!(" out if{}", r.ifindex_out),
+        _ => String::new(),
+    };
+    format!(
+        "{} table-full drop {} {} -> {} netns {ns}{dir} {}",
+        clock(std::time::SystemTime::now()),
+        t.proto,
+        endpoint(&t.src, t.sport),
+        endpoint(&t.dst, t.dport),
+        process(owner)
+    )
+}
+
+fn items(list: &[Item]) -> String {
+    list.iter()
+        .map(|i| {
+            let k = match (i.pid, i.role) {
+                (Some(p), Some(role)) => format!("{}[{p}] ({role})", i.key),
+                (None, Some(role)) => format!("{} ({role})", i.key),
+                _ => i.key.clone(),
+            };
+            format!("{k} {}", i.count)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn summary_line(s: &SummaryLine) -> String {
+    format!(
+        "{} {} table-full drops in {:.1}s ({} shown, {} events lost); top ports: {}; sources: {}; processes: {}",
+        clock(std::time::SystemTime::now()),
+        s.drops,
+        s.interval_s,
+        s.shown,
+        s.lost_events,
+        items(&s.by_dst_port),
+        items(&s.by_src_ip),
+        items(&s.by_process)
+    )
+}
+
+pub fn report(r: &Report) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "ctwatch report: {} mode, kernel {}, {:.1} s, {} lost events",
+        r.mode, r.kernel, r.duration_s, r.lost_events
+    );
+    let _ = writeln!(
+        o,
+        "{:<12} {:<12} {:>15} {:>14} {:>12}",
+        "netns", "name", "count/max", "drops(kernel)", "drops(seen)"
+    );
+    for n in &r.netns {
+        let opt = |v: Option<u64>| v.map_or("?".to_string(), |v| v.to_string());
+        let _ = writeln!(
+            o,
+            "{:<12} {:<12} {:>15} {:>14} {:>12}",
+            n.inum,
+            n.name.as_deref().unwrap_or("-"),
+            format!("{}/{}", opt(n.count), opt(n.max)),
+            opt(n.drops_kernel),
+            n.drops_seen
+        );
+    }
+    let d = &r.drops;
+    let _ = writeln!(o, "table-full drops: {}", d.total);
+    if d.total > 0 {
+        let _ = writeln!(o, "  by source IP:    {}", items(&d.by_src_ip));
+        let _ = writeln!(o, "  by dest port:    {}", items(&d.by_dst_port));
+        let _ = writeln!(o, "  by process:      {}", items(&d.by_process));
+        let _ = writeln!(o, "  by netns:        {}", items(&d.by_netns));
+    }
+    for note in &r.reconciliation {
+        let _ = writeln!(o, "note: {note}");
+    }
+    o
+}

@@ -1,0 +1,222 @@
+//! One watching session: the loaded programs, their event source, the
+//! namespaces in scope and the attribution of kernel keys to rows.
+use std::collections::{HashMap, HashSet};
+
+use conntrack_ebpf::FlowEvent;
+
+use crate::{
+    aggregate::{Dims, RowKey},
+    attribution::Attributor,
+    cli::Settings,
+    error::Error,
+    event::{self, AggRecord, Role},
+    loader::{self, LoadRequest, Loaded},
+    netns::{self, NetnsInfo},
+    source::KernelSource,
+};
+
+/// Which namespaces a session reports on.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// `None`: every namespace.
+    only: Option<HashSet<u32>>,
+    named: Vec<NetnsInfo>,
+}
+
+impl Scope {
+    pub fn from_specs(specs: &[String]) -> Result<Self, Error> {
+        if specs.is_empty() {
+            return Ok(Self::default());
+        }
+        let named: Vec<NetnsInfo> = specs
+            .iter()
+            .map(|s| netns::resolve(s))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            only: Some(named.iter().map(|n| n.inum).collect()),
+            named,
+        })
+    }
+
+    pub fn contains(&self, inum: u32) -> bool {
+        self.only.as_ref().is_none_or(|s| s.contains(&inum))
+    }
+
+    pub fn is_narrowed(&self) -> bool {
+        self.only.is_some()
+    }
+
+    /// The namespaces to read counters from, as of now.
+    pub fn namespaces(&self) -> Result<Vec<NetnsInfo>, Error> {
+        if self.only.is_some() {
+            return Ok(self.named.clone());
+        }
+        Ok(netns::list()?)
+    }
+}
+
+/// What identifies a process row before it is resolved: inbound flows go to
+/// the listener of (netns, proto, port); local ones to the sending socket.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum OwnerKey {
+    Listener { netns: u32, proto: u8, port: u16 },
+    Sender { sock_ino: u64, tgid: u32, comm: String },
+}
+
+pub struct Watch {
+    pub loaded: Loaded,
+    pub source: KernelSource,
+    pub scope: Scope,
+    attributor: Attributor,
+    /// Resolved when first seen, so a process that exits before the end of
+    /// the window is still named.
+    owners: HashMap<OwnerKey, RowKey>,
+    names: HashMap<u32, Option<String>>,
+}
+
+/// Bound on remembered owners; past it, rows are resolved on demand only.
+const OWNER_CACHE: usize = 65536;
+
+impl Watch {
+    pub fn start(settings: &Settings, stream_new: bool) -> Result<Self, Error> {
+        let scope = Scope::from_specs(&settings.netns)?;
+        let mut loaded = loader::load(&LoadRequest {
+            mode: settings.mode,
+            stream_new,
+        })?;
+        let source = KernelSource::new(&mut loaded)?;
+        Ok(Self {
+            loaded,
+            source,
+            scope,
+            attributor: Attributor::new(),
+            owners: HashMap::new(),
+            names: HashMap::new(),
+        })
+    }
+
+    /// One line for stderr saying which mode runs and what it hooks.
+    pub fn banner(&self) -> String {
+        format!(
+            "ctwatch: {} mode on kernel {} (attached: {})",
+            self.loaded.mode,
+            self.loaded.release,
+            self.loaded.attached.join(", ")
+        )
+    }
+
+    fn owner_key(rec: &AggRecord) -> OwnerKey {
+        match rec.role {
+            Role::Inbound => OwnerKey::Listener {
+                netns: rec.netns,
+                proto: rec.proto,
+                port: rec.dport,
+            },
+            Role::Local => OwnerKey::Sender {
+                sock_ino: rec.sock_ino,
+                tgid: rec.tgid,
+                comm: rec.comm.clone(),
+            },
+        }
+    }
+
+    fn resolve(&mut self, key: &OwnerKey) -> RowKey {
+        match key {
+            OwnerKey::Listener { netns, proto, port } => {
+                match self.attributor.listener(*netns, *proto, *port) {
+                    Some(o) => RowKey {
+                        key: o.comm,
+                        pid: Some(o.pid),
+                        role: Some("listener"),
+                    },
+                    None => RowKey {
+                        key: "(no listener)".into(),
+                        pid: None,
+                        role: Some("listener"),
+                    },
+                }
+            }
+            OwnerKey::Sender {
+                sock_ino,
+                tgid,
+                comm,
+            } => {
+                // The socket's holder is right even for retransmits sent from
+                // softirq, where `current` is whatever was interrupted.
+                let holder = (*sock_ino != 0)
+                    .then(|| self.attributor.socket_owner(*sock_ino))
+                    .flatten();
+                match holder {
+                    Some(o) => RowKey {
+                        key: o.comm,
+                        pid: Some(o.pid),
+                        role: Some("sender"),
+                    },
+                    None if *tgid != 0 => RowKey {
+                        key: comm.clone(),
+                        pid: Some(*tgid),
+                        role: Some("sender"),
+                    },
+                    None => RowKey {
+                        key: "(unknown sender)".into(),
+                        pid: None,
+                        role: Some("sender"),
+                    },
+                }
+            }
+        }
+    }
+
+    pub fn process_row(&mut self, rec: &AggRecord) -> RowKey {
+        let key = Self::owner_key(rec);
+        if let Some(r) = self.owners.get(&key) {
+            return r.clone();
+        }
+        let row = self.resolve(&key);
+        if self.owners.len() < OWNER_CACHE {
+            self.owners.insert(key, row.clone());
+        }
+        row
+    }
+
+    /// Resolves the owner of a live event's flow while its process still exists.
+    pub fn observe(&mut self, ev: &FlowEvent) -> Option<(event::FlowRecord, RowKey)> {
+        let rec = event::decode(ev).ok()?;
+        let agg = AggRecord {
+            kind: rec.kind,
+            role: rec.role,
+            netns: rec.netns,
+            proto: ev.tuple.proto,
+            src: rec.tuple.src,
+            dport: rec.tuple.dport,
+            tgid: ev.pid,
+            comm: event::comm(&ev.comm),
+            cgroup_id: ev.cgroup_id,
+            sock_ino: ev.sock_ino,
+        };
+        let row = self.process_row(&agg);
+        Some((rec, row))
+    }
+
+    pub fn netns_name(&mut self, inum: u32) -> Option<String> {
+        if let Some(n) = self.names.get(&inum) {
+            return n.clone();
+        }
+        let name = netns::list()
+            .ok()
+            .and_then(|l| l.into_iter().find(|n| n.inum == inum))
+            .and_then(|n| n.name);
+        self.names.insert(inum, name.clone());
+        name
+    }
+
+    pub fn dims(&mut self, rec: &AggRecord) -> Dims {
+        Dims {
+            src_ip: rec.src.to_string(),
+            dst_port: format!("{}/{}", event::proto_name(rec.proto), rec.dport),
+            process: self.process_row(rec),
+            netns: rec.netns.to_string(),
+            cgroup: (rec.cgroup_id != 0).then(|| rec.cgroup_id.to_string()),
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Host integration tests: root, serial (`--test-threads=1`), tracepoint
+//! mode. Each test builds its own namespaces; counts are checked against the
+//! kernel's own per-netns `drop` counter, never against ctwatch alone.
+use ctwatch_tests::*;
+
+const HOLD_PORT: u16 = 7400;
+
+fn report_args(ns: &Netns) -> Vec<String> {
+    vec![
+        "report".into(),
+        "--mode".into(),
+        "tracepoint".into(),
+        "--duration".into(),
+        "60".into(),
+        "--json".into(),
+        "--netns".into(),
+        ns.name.clone(),
+    ]
+}
+
+fn start_report(ns: &Netns) -> Ctwatch {
+    let args = report_args(ns);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Ctwatch::start(&refs)
+}
+
+fn top_key(report: &Value, list: &str) -> String {
+    report["drops"][list][0]["key"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn udp_inbound_flood_is_attributed_to_source_port_and_listener() {
+    require_env!();
+    const MAX: usize = 16;
+    const N: usize = 150;
+    let lab = Lab::new("udpin", false);
+    let _max = MaxGuard::set(MAX as u64);
+    let _held = lab.fill(MAX, HOLD_PORT);
+    let listener = lab.srv.peer(&["udp-listen", "0.0.0.0:5353"]);
+    let before = lab.srv.kernel_drops();
+    let w = start_report(&lab.srv);
+    assert!(w.banner.contains("tracepoint mode"), "banner: {}", w.banner);
+    lab.cli.peer_run(&["udp-send", "198.18.0.1:5353", &N.to_string()]);
+    settle();
+    let r = w.report();
+    let kernel = lab.srv.kernel_drops() - before;
+    assert_eq!(kernel, N as u64, "kernel drop counter");
+    assert_eq!(r["drops"]["total"], N as u64, "{r}");
+    let row = netns_row(&r, lab.srv.inum());
+    assert_eq!(row["drops_kernel"], kernel, "{r}");
+    assert_eq!(row["drops_seen"], kernel, "{r}");
+    assert_eq!(row["max"], MAX as u64);
+    assert_eq!(row["count"], MAX as u64);
+    assert_eq!(top_key(&r, "by_src_ip"), "198.18.0.2");
+    assert_eq!(top_key(&r, "by_dst_port"), "udp/5353");
+    let p = &r["drops"]["by_process"][0];
+    assert_eq!(p["key"], "ctpeer", "{r}");
+    assert_eq!(p["pid"], listener.pid, "{r}");
+    assert_eq!(p["role"], "listener");
+    assert_eq!(p["count"], N as u64);
+    assert_eq!(r["mode"], "tracepoint");
+    assert_eq!(r["lost_events"], 0);
+    assert_eq!(r["reconciliation"].as_array().unwrap().len(), 0, "{r}");
+}
+
+#[test]
+fn udp_local_flood_names_the_sender() {
+    require_env!();
+    const MAX: usize = 16;
+    const N: usize = 120;
+    let lab = Lab::new("udpout", false);
+    let _max = MaxGuard::set(MAX as u64);
+    let _held = lab.fill(MAX, HOLD_PORT);
+    let before = lab.srv.kernel_drops();
+    let w = start_report(&lab.srv);
+    let (pid, out) = lab.srv.peer_run(&["udp-send", "198.18.0.2:9999", &N.to_string()]);
+    settle();
+    let r = w.report();
+    // A table-full drop on LOCAL_OUT fails sendmsg with EPERM.
+    assert!(out.contains(&format!("eperm {N}")), "sender saw: {out}");
+    let kernel = lab.srv.kernel_drops() - before;
+    assert_eq!(kernel, N as u64);
+    assert_eq!(r["drops"]["total"], kernel, "{r}");
+    let p = &r["drops"]["by_process"][0];
+    assert_eq!(p["key"], "ctpeer", "{r}");
+    assert_eq!(p["pid"], pid, "{r}");
+    assert_eq!(p["role"], "sender");
+    assert_eq!(top_key(&r, "by_dst_port"), "udp/9999");
+    assert_eq!(top_key(&r, "by_src_ip"), "198.18.0.1");
+}
+
+#[test]
+fn tcp_syn_flood_is_counted_per_syn() {
+    require_env!();
+    const MAX: usize = 16;
+    const N: usize = 40;
+    let lab = Lab::new("syn", false);
+    let _max = MaxGuard::set(MAX as u64);
+    let _held = lab.fill(MAX, HOLD_PORT);
+    let listener = lab.srv.peer(&["tcp-listen", "0.0.0.0:7401"]);
+    let before = lab.srv.kernel_drops();
+    let w = start_report(&lab.srv);
+    lab.cli.peer_run(&["tcp-syn", "198.18.0.1:7401", &N.to_string()]);
+    settle();
+    let r = w.report();
+    let kernel = lab.srv.kernel_drops() - before;
+    assert!(kernel >= N as u64, "each SYN is a drop: kernel saw {kernel}");
+    assert_eq!(r["drops"]["total"], kernel, "{r}");
+    assert_eq!(top_key(&r, "by_dst_port"), "tcp/7401");
+    let p = &r["drops"]["by_process"][0];
+    assert_eq!((p["key"].as_str(), p["pid"].as_u64()), (Some("ctpeer"), Some(listener.pid as u64)), "{r}");
+}
+
+#[test]
+fn ipv6_inbound_flood() {
+    require_env!();
+    const MAX: usize = 16;
+    const N: usize = 100;
+    let lab = Lab::new("v6", true);
+    let _max = MaxGuard::set(MAX as u64);
+    let _held = lab.fill(MAX, HOLD_PORT);
+    let _listener = lab.srv.peer(&["udp-listen", "[::]:5353"]);
+    let before = lab.srv.kernel_drops();
+    let w = start_report(&lab.srv);
+    lab.cli.peer_run(&["udp-send", "[2001:2::1]:5353", &N.to_string()]);
+    settle();
+    let r = w.report();
+    let kernel = lab.srv.kernel_drops() - before;
+    assert!(kernel >= N as u64, "kernel saw {kernel}");
+    assert_eq!(r["drops"]["total"], kernel, "{r}");
+    let src = &r["drops"]["by_src_ip"][0];
+    assert_eq!(src["key"], "2001:2::2", "{r}");
+    assert!(src["count"].as_u64().unwrap() >= N as u64);
+    assert_eq!(top_key(&r, "by_dst_port"), "udp/5353");
+    assert_eq!(r["drops"]["by_process"][0]["key"], "ctpeer", "{r}");
+}
+
+#[test]
+fn firewall_rule_drops_are_not_table_full_drops() {
+    require_env!();
+    const N: usize = 50;
+    let lab = Lab::new("fw", false);
+    // Table far from full; a filter-table rule drops after conntrack ran.
+    lab.srv.nft("add chain inet ctw in { type filter hook input priority 0; }");
+    lab.srv.nft("add rule inet ctw in udp dport 7777 drop");
+    let before = lab.srv.kernel_drops();
+    let w = start_report(&lab.srv);
+    lab.cli.peer_run(&["udp-send", "198.18.0.1:7777", &N.to_string()]);
+    settle();
+    let r = w.report();
+    assert_eq!(lab.srv.kernel_drops() - before, 0, "conntrack itself dropped nothing");
+    assert_eq!(r["drops"]["total"], 0, "{r}");
+    assert!(
+        r["counters"]["netfilter_drops_any"].as_u64().unwrap() >= N as u64,
+        "the rule drops were seen and set aside: {r}"
+    );
+}
+
+#[test]
+fn raw_table_drops_show_in_the_reconciliation() {
+    require_env!();
+    const N: usize = 30;
+    let lab = Lab::new("raw", false);
+    // Priority -300 runs before conntrack: these look like table-full drops
+    // to the in-kernel filter, and only the kernel counter can tell.
+    lab.srv.nft("add chain inet ctw raw { type filter hook prerouting priority -300; }");
+    lab.srv.nft("add rule inet ctw raw udp dport 7778 drop");
+    let w = start_report(&lab.srv);
+    lab.cli.peer_run(&["udp-send", "198.18.0.1:7778", &N.to_string()]);
+    settle();
+    let r = w.report();
+    let row = netns_row(&r, lab.srv.inum());
+    assert_eq!(row["drops_kernel"], 0, "{r}");
+    assert_eq!(row["drops_seen"], N as u64, "{r}");
+    let notes = r["reconciliation"].to_string();
+    assert!(notes.contains("before conntrack ran"), "{r}");
+}
+
+#[test]
+fn drops_stream_prints_each_flow() {
+    require_env!();
+    const MAX: usize = 8;
+    const N: usize = 5;
+    let lab = Lab::new("stream", false);
+    let _max = MaxGuard::set(MAX as u64);
+    let _held = lab.fill(MAX, HOLD_PORT);
+    let _l = lab.srv.peer(&["udp-listen", "0.0.0.0:5353"]);
+    let ns = lab.srv.name.clone();
+    let w = Ctwatch::start(&["drops", "--json", "--mode", "tracepoint", "--netns", &ns]);
+    lab.cli.peer_run(&["udp-send", "198.18.0.1:5353", &N.to_string()]);
+    settle();
+    let (code, out) = w.stop();
+    assert_eq!(code, 0);
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .filter(|v: &Value| v["type"] == "drop")
+        .collect();
+    assert_eq!(lines.len(), N, "{out}");
+    for l in &lines {
+        assert_eq!(l["tuple"]["src"], "198.18.0.2");
+        assert_eq!(l["tuple"]["dst"], "198.18.0.1");
+        assert_eq!(l["tuple"]["dport"], 5353);
+        assert_eq!(l["tuple"]["proto"], "udp");
+        assert_eq!(l["netns"], lab.srv.inum());
+        assert_eq!(l["netns_name"], ns.as_str());
+        assert_eq!(l["process"]["role"], "listener");
+    }
+    let mut sports: Vec<u64> = lines.iter().map(|l| l["tuple"]["sport"].as_u64().unwrap()).collect();
+    sports.dedup();
+    assert_eq!(sports.len(), N, "every flow has its own source port");
+}
+
+#[test]
+fn nothing_stays_attached_after_exit() {
+    require_env!();
+    let w = Ctwatch::start(&["report", "--mode", "tracepoint", "--duration", "60"]);
+    assert!(!ctwatch_programs().is_empty(), "ctwatch's program should be loaded while it runs");
+    let (code, _) = w.stop();
+    assert_eq!(code, 0);
+    // Program teardown is synchronous with the last fd close, but give the
+    // kernel's deferred free a moment.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(ctwatch_programs().is_empty(), "left attached: {:?}", ctwatch_programs());
+    // SIGTERM takes the same clean path.
+    let w = Ctwatch::start(&["report", "--mode", "tracepoint", "--duration", "60"]);
+    let (code, _) = w.stop_with(libc::SIGTERM);
+    assert_eq!(code, 0);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(ctwatch_programs().is_empty(), "left attached after SIGTERM");
+}
+
+#[test]
+fn errors_are_one_line_and_non_zero() {
+    require_env!();
+    let (code, _, err) = ctwatch_once(&["report", "--netns", "no-such-netns-ctw", "--duration", "1"]);
+    assert_ne!(code, 0);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("no-such-netns-ctw"), "{err}");
+    let (code, _, err) = ctwatch_once(&["report", "--duration", "-1"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--duration"), "{err}");
+    // Without privileges: drop to nobody.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .arg(ctwatch_bin())
+        .args(["report", "--duration", "1"])
+        .output();
+    if let Ok(out) = out {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0));
+        assert!(err.contains("needs root"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}
