@@ -65,8 +65,15 @@ pub fn ctwatch_bin() -> PathBuf {
     PathBuf::from(std::env::var_os("CTWATCH_BIN").expect("CTWATCH_BIN"))
 }
 
+/// `$CTPEER_BIN`, else the `ctpeer` built next to this test binary
+/// (`target/debug/deps/host-*` → `target/debug/ctpeer`).
 pub fn ctpeer_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ctpeer"))
+    if let Some(p) = std::env::var_os("CTPEER_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    dir.join("ctpeer")
 }
 
 /// A network namespace deleted on drop.

@@ -237,7 +237,7 @@ fn errors_are_one_line_and_non_zero() {
     assert_ne!(code, 0);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("no-such-netns-ctw"), "{err}");
-    let (code, _, err) = ctwatch_once(&["report", "--duration", "-1"]);
+    let (code, _, err) = ctwatch_once(&["report", "--duration=-1"]);
     assert_ne!(code, 0);
     assert!(err.contains("--duration"), "{err}");
     // Without privileges: drop to nobody.

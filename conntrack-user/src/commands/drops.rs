@@ -14,10 +14,10 @@ use crate::{
 };
 
 pub async fn run(settings: &Settings, as_json: bool, max_lines: u64) -> Result<(), Error> {
+    let stop = super::stop_requested()?;
+    tokio::pin!(stop);
     let mut w = Watch::start(settings, false)?;
     eprintln!("{}; streaming table-full drops (Ctrl-C to stop)", w.banner());
-    let stop = super::stop_requested();
-    tokio::pin!(stop);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_stats = w.source.stats()?;
     let mut second = BreakdownBuilder::new(1024);

@@ -3,18 +3,17 @@
 pub mod drops;
 pub mod report;
 
-/// Resolves when the user asks to stop: Ctrl-C or SIGTERM.
-pub async fn stop_requested() {
+/// Installs the Ctrl-C and SIGTERM handlers now (before ctwatch announces
+/// itself, so an early signal cannot kill it with programs attached) and
+/// returns a future that resolves on either.
+pub fn stop_requested() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    })
 }

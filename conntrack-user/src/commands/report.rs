@@ -14,6 +14,8 @@ use crate::{
 };
 
 pub async fn run(settings: &Settings, duration: std::time::Duration, as_json: bool) -> Result<(), Error> {
+    let stop = super::stop_requested()?;
+    tokio::pin!(stop);
     let mut w = Watch::start(settings, false)?;
     let scope_ns = w.scope.namespaces()?;
     let start_counters = reconcile::snapshot(&scope_ns);
@@ -27,8 +29,6 @@ pub async fn run(settings: &Settings, duration: std::time::Duration, as_json: bo
     let t0 = Instant::now();
     let deadline = tokio::time::sleep(duration);
     tokio::pin!(deadline);
-    let stop = super::stop_requested();
-    tokio::pin!(stop);
     let mut batch = Vec::new();
     loop {
         tokio::select! {
