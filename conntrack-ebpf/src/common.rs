@@ -5,7 +5,7 @@ use aya_ebpf::{
         generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
     },
     macros::map,
-    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use conntrack_ebpf::{stat, AggKey, Config, FlowEvent, FlowTuple, FAMILY_V4, FAMILY_V6};
 
@@ -36,6 +36,10 @@ pub static CONFIG: Config = Config {
     state_net: 0,
     state_sk: 0,
     sk_state: 0,
+    conn_tuple: 0,
+    conn_net: 0,
+    hash_tuple: 0,
+    _pad: 0,
 };
 
 /// 16 MiB: about 160k events of slack before a burst starts losing events.
@@ -60,10 +64,22 @@ pub fn scratch_event() -> Option<&'static mut FlowEvent> {
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
-/// Per-CPU drop counts by attribution key: exact totals even when the ring
-/// buffer overflows during a flood.
+/// Per-CPU counts by attribution key and kind (drops, new entries,
+/// evictions, clashes): exact totals even when the ring buffer overflows.
 #[map]
-pub static DROPS: PerCpuHashMap<AggKey, u64> = PerCpuHashMap::with_max_entries(16384, 0);
+pub static COUNTS: PerCpuHashMap<AggKey, u64> = PerCpuHashMap::with_max_entries(16384, 0);
+
+/// Per-CPU occupancy by creation key: +1 on create, -1 on free (on whatever
+/// CPU frees it), so only the sum over CPUs is meaningful.
+#[map]
+pub static OCC: PerCpuHashMap<AggKey, i64> = PerCpuHashMap::with_max_entries(16384, 0);
+
+/// Live entries created since attach: `ct` pointer → the creation event.
+/// Sized by userspace from `nf_conntrack_max`; not preallocated.
+#[map]
+pub static LIVE: HashMap<u64, FlowEvent> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
+
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Reads one `Config` field without letting the compiler fold the zero
 /// initialiser into a constant.
@@ -197,11 +213,10 @@ pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// Adds one to the per-CPU count of this event's attribution key. A full
-/// map is counted in `AGG_OVERFLOW` and reported as "other".
+/// The attribution key of an event (everything but the per-flow parts).
 #[inline(always)]
-pub fn aggregate(ev: &FlowEvent) {
-    let key = AggKey {
+pub fn key_of(ev: &FlowEvent) -> AggKey {
+    AggKey {
         saddr: ev.tuple.saddr,
         cgroup_id: ev.cgroup_id,
         sock_ino: ev.sock_ino,
@@ -214,15 +229,71 @@ pub fn aggregate(ev: &FlowEvent) {
         role: ev.role,
         kind: ev.kind,
         _pad: [0; 2],
-    };
-    if let Some(v) = DROPS.get_ptr_mut(&key) {
+    }
+}
+
+/// Adds one to the per-CPU count of this event's attribution key. A full
+/// map is counted in `AGG_OVERFLOW` and reported as "other".
+#[inline(always)]
+pub fn aggregate(ev: &FlowEvent) {
+    let key = key_of(ev);
+    count_key(&key);
+}
+
+#[inline(always)]
+pub fn count_key(key: &AggKey) {
+    if let Some(v) = COUNTS.get_ptr_mut(key) {
         unsafe { *v += 1 };
         return;
     }
-    if DROPS.insert(&key, &1u64, 0).is_ok() {
+    // Another CPU may insert the same key concurrently; per-CPU values make
+    // that harmless, and a full map lands in "other".
+    if COUNTS.insert(key, &1u64, 0).is_ok() {
+        return;
+    }
+    if let Some(v) = COUNTS.get_ptr_mut(key) {
+        unsafe { *v += 1 };
         return;
     }
     bump(stat::AGG_OVERFLOW);
+}
+
+/// Adds `delta` to the occupancy of `key` on this CPU.
+#[inline(always)]
+pub fn occupy(key: &AggKey, delta: i64) {
+    if let Some(v) = OCC.get_ptr_mut(key) {
+        unsafe { *v += delta };
+        return;
+    }
+    if OCC.insert(key, &delta, 0).is_ok() {
+        return;
+    }
+    if let Some(v) = OCC.get_ptr_mut(key) {
+        unsafe { *v += delta };
+        return;
+    }
+    bump(stat::AGG_OVERFLOW);
+}
+
+/// Reads a `struct nf_conntrack_tuple` (stable 40-byte layout since 4.x)
+/// into `t`: addresses raw, ports converted to host order.
+#[inline(always)]
+pub fn read_ct_tuple(ptr: u64, t: &mut FlowTuple) -> Result<(), i32> {
+    let raw: [u8; 40] = rd(ptr, 0)?;
+    let l3num = u16::from_ne_bytes([raw[18], raw[19]]);
+    t.family = match l3num {
+        2 => FAMILY_V4,
+        10 => FAMILY_V6,
+        _ => 0,
+    };
+    t.proto = raw[38];
+    t.saddr.copy_from_slice(&raw[0..16]);
+    t.daddr.copy_from_slice(&raw[20..36]);
+    // For ICMP these bytes are src.u.icmp.id and dst.u.icmp.{type,code},
+    // which is the same "id / type<<8|code" encoding decode_ip uses.
+    t.sport = u16::from_be_bytes([raw[16], raw[17]]);
+    t.dport = u16::from_be_bytes([raw[36], raw[37]]);
+    Ok(())
 }
 
 /// Copies the event onto the ring buffer; a full buffer is counted, not hidden.
@@ -231,4 +302,56 @@ pub fn emit(ev: &FlowEvent) {
     if EVENTS.output::<FlowEvent>(ev, 0).is_err() {
         bump(stat::RB_LOST);
     }
+}
+
+/// Packet context saved by `nf_conntrack_in` for the allocation that may
+/// follow on the same CPU, in the same call.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct HookCtx {
+    pub pid_tgid: u64,
+    pub sock_ino: u64,
+    pub cgroup_id: u64,
+    pub ifindex_in: u32,
+    pub ifindex_out: u32,
+    pub role: u8,
+    pub task: u8,
+    pub _pad: [u8; 6],
+    pub comm: [u8; 16],
+}
+
+#[map]
+pub static HOOK_CTX: PerCpuArray<HookCtx> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU early_drop state: [0] = pid_tgid while inside early_drop,
+/// [1] = pid_tgid whose last early_drop found nothing to evict (table full).
+#[map]
+pub static EARLY: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+/// Per-CPU argument stash for kprobe entry → kretprobe exit pairs.
+/// [0..2] `__nf_conntrack_alloc` (pid_tgid, net, orig), [3..4] clash (pid_tgid, h).
+#[map]
+pub static ARGS: PerCpuArray<u64> = PerCpuArray::with_max_entries(8, 0);
+
+#[inline(always)]
+pub fn slot_get(map: &PerCpuArray<u64>, i: u32) -> u64 {
+    map.get(i).copied().unwrap_or(0)
+}
+
+#[inline(always)]
+pub fn slot_set(map: &PerCpuArray<u64>, i: u32, v: u64) {
+    if let Some(p) = map.get_ptr_mut(i) {
+        unsafe { *p = v };
+    }
+}
+
+#[inline(always)]
+pub fn pid_tgid() -> u64 {
+    bpf_get_current_pid_tgid()
+}
+
+/// `IS_ERR()` on a returned kernel pointer.
+#[inline(always)]
+pub fn is_err_ptr(p: u64) -> bool {
+    p >= (-4095i64) as u64
 }

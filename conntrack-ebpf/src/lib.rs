@@ -15,6 +15,9 @@ pub mod kind {
     pub const CLASH: u8 = 3;
     /// A new entry created (only streamed when userspace asks for it).
     pub const NEW: u8 = 4;
+    /// An entry freed that existed before ctwatch attached (aggregation
+    /// only): userspace subtracts these from the occupancy it seeded.
+    pub const SEED_FREE: u8 = 5;
 }
 
 /// Which side of the host the flow came from, decided in kernel.
@@ -23,6 +26,8 @@ pub mod role {
     pub const INBOUND: u8 = 1;
     /// Locally generated (LOCAL_OUT): the sending socket is known.
     pub const LOCAL: u8 = 2;
+    /// Created outside the packet path (ctnetlink, templates): no context.
+    pub const UNKNOWN: u8 = 0;
 }
 
 /// Bits of [`FlowEvent::flags`].
@@ -53,6 +58,14 @@ pub mod stat {
     pub const NEW: u32 = 7;
     /// Entries freed (kernel-probe modes).
     pub const FREED: u32 = 8;
+    /// Entries confirmed into the hash table (kernel-probe modes).
+    pub const INSERTS: u32 = 9;
+    /// Creations that did not fit the `LIVE` map: their frees cannot be
+    /// matched, so occupancy for them comes from ctnetlink instead.
+    pub const LIVE_OVERFLOW: u32 = 10;
+    /// Allocation failures not preceded by a failed early_drop (slab
+    /// failures): not table-full drops.
+    pub const ALLOC_ERR: u32 = 11;
     pub const COUNT: u32 = 16;
 }
 
@@ -152,6 +165,14 @@ pub struct Config {
     pub state_sk: u32,
     /// `sock.__sk_common.skc_state` (u8): tells full sockets from request/time-wait socks.
     pub sk_state: u32,
+    /// `offsetof(struct nf_conn, tuplehash) + offsetof(struct nf_conntrack_tuple_hash, tuple)`:
+    /// the original-direction tuple of an entry.
+    pub conn_tuple: u32,
+    /// `offsetof(struct nf_conn, ct_net)` (+ `possible_net_t.net`).
+    pub conn_net: u32,
+    /// `offsetof(struct nf_conntrack_tuple_hash, tuple)`.
+    pub hash_tuple: u32,
+    pub _pad: u32,
 }
 
 /// Size of a [`FlowEvent`] on the ring buffer; userspace rejects other sizes.
@@ -170,4 +191,4 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<FlowTuple>() == 40);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 104);
 const _: () = assert!(core::mem::size_of::<AggKey>() == 64);
-const _: () = assert!(core::mem::size_of::<Config>() == 96);
+const _: () = assert!(core::mem::size_of::<Config>() == 112);

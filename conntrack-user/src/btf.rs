@@ -571,6 +571,17 @@ pub fn resolve_layout(btf: &KernelBtf) -> Result<Config, BtfError> {
         state_net: off("nf_hook_state.net")?,
         state_sk: off("nf_hook_state.sk")?,
         sk_state: off("sock.__sk_common.skc_state")?,
+        // nf_conn lives in nf_conntrack's module BTF, which 5.10 does not
+        // have: 0 tells the programs to skip what needs these (seeded-entry
+        // frees, the clash netns) instead of reading at a guessed offset.
+        conn_tuple: off("nf_conn.tuplehash")
+            .and_then(|a| Ok(a + off("nf_conntrack_tuple_hash.tuple")?))
+            .unwrap_or(0),
+        conn_net: off("nf_conn.ct_net")
+            .map(|a| a + net_ptr)
+            .unwrap_or(0),
+        hash_tuple: off("nf_conntrack_tuple_hash.tuple").unwrap_or(0),
+        _pad: 0,
     })
 }
 
@@ -1227,6 +1238,12 @@ mod tests {
             state_net: 32,
             state_sk: 24,
             sk_state: 18,
+            // The mini kernel has no nf_conn (like 5.10 without module BTF):
+            // these stay 0 so the programs skip what needs them.
+            conn_tuple: 0,
+            conn_net: 0,
+            hash_tuple: 0,
+            _pad: 0,
         };
         assert_eq!(config, expected);
     }
@@ -1378,6 +1395,12 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         println!("{config:#?}");
+        if btf.struct_size("nf_conn").is_ok() {
+            // Where nf_conn's layout is known, the entry offsets must be too.
+            assert_ne!(config.conn_tuple, 0);
+            assert_ne!(config.hash_tuple, 0);
+            assert!(config.conn_tuple > config.hash_tuple);
+        }
 
         let skb = btf.struct_size("sk_buff").unwrap();
         for (name, off) in [

@@ -35,6 +35,8 @@ struct Cli {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ModeArg {
     Auto,
+    Fentry,
+    Kprobe,
     Tracepoint,
 }
 
@@ -117,6 +119,8 @@ impl Settings {
         Ok(Settings {
             mode: match c.mode {
                 ModeArg::Auto => None,
+                ModeArg::Fentry => Some(Mode::Fentry),
+                ModeArg::Kprobe => Some(Mode::Kprobe),
                 ModeArg::Tracepoint => Some(Mode::Tracepoint),
             },
             netns: c.netns,

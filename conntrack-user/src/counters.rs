@@ -157,7 +157,10 @@ pub fn parse_proc_stat(text: &str) -> Result<CtStats, CountersError> {
         reason: "the file is empty, the header row is missing".into(),
     })?;
     let columns: Vec<&str> = header.split_whitespace().collect();
-    if columns.iter().all(|c| c.chars().all(|ch| ch.is_ascii_hexdigit())) {
+    if columns
+        .iter()
+        .all(|c| c.chars().all(|ch| ch.is_ascii_hexdigit()))
+    {
         return Err(CountersError::Malformed {
             line: header_line,
             reason: "the first row holds numbers, not column names".into(),
@@ -172,7 +175,11 @@ pub fn parse_proc_stat(text: &str) -> Result<CtStats, CountersError> {
         if values.len() != columns.len() {
             return Err(CountersError::Malformed {
                 line,
-                reason: format!("{} columns where the header names {}", values.len(), columns.len()),
+                reason: format!(
+                    "{} columns where the header names {}",
+                    values.len(),
+                    columns.len()
+                ),
             });
         }
         for ((value, field), name) in values.iter().zip(&fields).zip(&columns) {
@@ -257,7 +264,9 @@ fn stats_cpu_request(seq: u32) -> [u8; 20] {
     const NLM_F_DUMP: u16 = 0x300;
     let mut req = [0u8; 20];
     req[0..4].copy_from_slice(&20u32.to_ne_bytes());
-    req[4..6].copy_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET_STATS_CPU).to_ne_bytes());
+    req[4..6].copy_from_slice(
+        &((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET_STATS_CPU).to_ne_bytes(),
+    );
     req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     req[8..12].copy_from_slice(&seq.to_ne_bytes());
     // nlmsg_pid 0: the kernel addresses us by our socket.
@@ -349,14 +358,19 @@ entries searched found new invalid ignore delete delete_list insert insert_faile
     fn malformed_rows_name_their_line() {
         let short = V6_18.replace("00000100 00000000 00000002", "00000100 00000002");
         match parse_proc_stat(&short) {
-            Err(CountersError::Malformed { line: 3, reason }) => assert!(reason.contains("columns"), "{reason}"),
+            Err(CountersError::Malformed { line: 3, reason }) => {
+                assert!(reason.contains("columns"), "{reason}")
+            }
             other => panic!("{other:?}"),
         }
         let bad_hex = V5_4.replace("00000011", "0000zz11");
         match parse_proc_stat(&bad_hex) {
             Err(e @ CountersError::Malformed { line: 2, .. }) => {
                 let msg = e.to_string();
-                assert!(msg.contains("found") && msg.contains("line 2") && !msg.contains('\n'), "{msg}");
+                assert!(
+                    msg.contains("found") && msg.contains("line 2") && !msg.contains('\n'),
+                    "{msg}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -365,11 +379,23 @@ entries searched found new invalid ignore delete delete_list insert insert_faile
     #[test]
     fn header_only_and_empty_files_are_errors() {
         let header = V6_18.lines().next().unwrap();
-        assert!(matches!(parse_proc_stat(header), Err(CountersError::NoCpuRows)));
-        assert!(matches!(parse_proc_stat(&format!("{header}\n\n")), Err(CountersError::NoCpuRows)));
-        assert!(matches!(parse_proc_stat(""), Err(CountersError::Malformed { line: 1, .. })));
+        assert!(matches!(
+            parse_proc_stat(header),
+            Err(CountersError::NoCpuRows)
+        ));
+        assert!(matches!(
+            parse_proc_stat(&format!("{header}\n\n")),
+            Err(CountersError::NoCpuRows)
+        ));
+        assert!(matches!(
+            parse_proc_stat(""),
+            Err(CountersError::Malformed { line: 1, .. })
+        ));
         let rows_only: String = V6_18.lines().skip(1).collect::<Vec<_>>().join("\n");
-        assert!(matches!(parse_proc_stat(&rows_only), Err(CountersError::Malformed { line: 1, .. })));
+        assert!(matches!(
+            parse_proc_stat(&rows_only),
+            Err(CountersError::Malformed { line: 1, .. })
+        ));
     }
 
     #[test]
@@ -388,14 +414,22 @@ entries searched found new invalid ignore delete delete_list insert insert_faile
         assert_eq!(u32::from_ne_bytes(req[0..4].try_into().unwrap()), 20);
         assert_eq!(u16::from_ne_bytes(req[4..6].try_into().unwrap()), 0x0104);
         assert_eq!(u16::from_ne_bytes(req[6..8].try_into().unwrap()), 0x0301);
-        assert_eq!(u32::from_ne_bytes(req[8..12].try_into().unwrap()), 0x01020304);
+        assert_eq!(
+            u32::from_ne_bytes(req[8..12].try_into().unwrap()),
+            0x01020304
+        );
         assert_eq!(&req[12..], &[0u8; 8]);
     }
 
     #[test]
     fn cpu_reply_attributes_decode() {
         let mut payload = vec![0u8, 0, 0, 1]; // nfgenmsg, res_id = cpu 1
-        for (kind, v) in [(CTA_STATS_FOUND, 7u32), (CTA_STATS_DROP, 3), (99, 1), (CTA_STATS_CHAIN_TOOLONG, 2)] {
+        for (kind, v) in [
+            (CTA_STATS_FOUND, 7u32),
+            (CTA_STATS_DROP, 3),
+            (99, 1),
+            (CTA_STATS_CHAIN_TOOLONG, 2),
+        ] {
             payload.extend_from_slice(&8u16.to_ne_bytes());
             payload.extend_from_slice(&kind.to_ne_bytes());
             payload.extend_from_slice(&v.to_be_bytes());
@@ -463,7 +497,10 @@ entries searched found new invalid ignore delete delete_list insert insert_faile
             let to = rx.local_addr().unwrap();
             for _ in 0..FLOWS {
                 // A fresh source port each time: one new conntrack entry each.
-                UdpSocket::bind("127.0.0.1:0").unwrap().send_to(b"x", to).unwrap();
+                UdpSocket::bind("127.0.0.1:0")
+                    .unwrap()
+                    .send_to(b"x", to)
+                    .unwrap();
             }
             // 6.x no longer counts `found` or `insert`, so ordinary flows
             // leave every counter at zero; an invalid packet moves one.
@@ -472,8 +509,14 @@ entries searched found new invalid ignore delete delete_list insert insert_faile
         .unwrap();
 
         let (proc_stats, source) = read_stats(&ns.info).unwrap();
-        assert_eq!(source, StatsSource::ProcFs, "this host has CONFIG_NF_CONNTRACK_PROCFS");
-        let nl_stats = netns::run_in(&ns.info, read_stats_ctnetlink).unwrap().unwrap();
+        assert_eq!(
+            source,
+            StatsSource::ProcFs,
+            "this host has CONFIG_NF_CONNTRACK_PROCFS"
+        );
+        let nl_stats = netns::run_in(&ns.info, read_stats_ctnetlink)
+            .unwrap()
+            .unwrap();
         assert_eq!(proc_stats, nl_stats);
         assert!(proc_stats.invalid >= 1, "{proc_stats:?}");
 

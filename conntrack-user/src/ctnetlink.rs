@@ -45,7 +45,9 @@ pub struct CtEntry {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtnetlinkError {
-    #[error("cannot open a NETLINK_NETFILTER socket: {0}; ctnetlink needs CAP_NET_ADMIN (run as root)")]
+    #[error(
+        "cannot open a NETLINK_NETFILTER socket: {0}; ctnetlink needs CAP_NET_ADMIN (run as root)"
+    )]
     Socket(#[source] io::Error),
     #[error("ctnetlink request failed: {source}; {hint}")]
     Kernel {
@@ -120,7 +122,9 @@ pub fn dump() -> Result<Vec<CtEntry>, CtnetlinkError> {
     run_dump(&request, seq, |msg_type, payload| {
         let subsys = msg_type >> 8;
         let kind = msg_type & 0xff;
-        if subsys == NFNL_SUBSYS_CTNETLINK && (kind == IPCTNL_MSG_CT_NEW || kind == IPCTNL_MSG_CT_GET) {
+        if subsys == NFNL_SUBSYS_CTNETLINK
+            && (kind == IPCTNL_MSG_CT_NEW || kind == IPCTNL_MSG_CT_GET)
+        {
             if let Some(entry) = decode_entry(payload)? {
                 entries.push(entry);
             }
@@ -149,12 +153,13 @@ pub(crate) fn run_dump(
     seq: u32,
     mut each: impl FnMut(u16, &[u8]) -> Result<(), CtnetlinkError>,
 ) -> Result<(), CtnetlinkError> {
-    let mut sock = Socket::new(NETLINK_NETFILTER as isize).map_err(CtnetlinkError::Socket)?;
+    let mut sock = Socket::new(NETLINK_NETFILTER).map_err(CtnetlinkError::Socket)?;
     // Best effort: rmem_max may clamp it, and a small buffer is only slower.
     let _ = sock.set_rx_buf_sz(SOCK_RCVBUF);
     sock.bind_auto().map_err(CtnetlinkError::Socket)?;
-    sock.connect(&SocketAddr::new(0, 0)).map_err(CtnetlinkError::Socket)?;
-    sock.send(request, 0).map_err(|source| kernel_error(source))?;
+    sock.connect(&SocketAddr::new(0, 0))
+        .map_err(CtnetlinkError::Socket)?;
+    sock.send(request, 0).map_err(kernel_error)?;
 
     let mut buf = vec![0u8; RECV_BUF];
     loop {
@@ -220,7 +225,9 @@ pub(crate) fn walk_datagram(
                     return Ok(Walk::Done);
                 }
                 NLMSG_OVERRUN => {
-                    return Err(CtnetlinkError::Decode("kernel reported NLMSG_OVERRUN".into()))
+                    return Err(CtnetlinkError::Decode(
+                        "kernel reported NLMSG_OVERRUN".into(),
+                    ))
                 }
                 other => each(other, payload)?,
             }
@@ -246,7 +253,8 @@ fn kernel_error(source: io::Error) -> CtnetlinkError {
 /// [`CtEntry`] needs are parsed, which keeps big dumps cheap. `None` for
 /// an L3 family other than IPv4/IPv6.
 pub(crate) fn decode_entry(payload: &[u8]) -> Result<Option<CtEntry>, CtnetlinkError> {
-    let nfgen = NetfilterHeader::parse(payload).map_err(|e| CtnetlinkError::Decode(e.to_string()))?;
+    let nfgen =
+        NetfilterHeader::parse(payload).map_err(|e| CtnetlinkError::Decode(e.to_string()))?;
     let family = match nfgen.family {
         NetfilterProtoFamily::IPv4 => 4,
         NetfilterProtoFamily::IPv6 => 6,
@@ -290,7 +298,8 @@ pub(crate) fn decode_entry(payload: &[u8]) -> Result<Option<CtEntry>, CtnetlinkE
             _ => {}
         }
     }
-    let orig = orig.ok_or_else(|| CtnetlinkError::Decode("conntrack entry without CTA_TUPLE_ORIG".into()))?;
+    let orig = orig
+        .ok_or_else(|| CtnetlinkError::Decode("conntrack entry without CTA_TUPLE_ORIG".into()))?;
     entry.proto = orig.proto;
     entry.src = orig.src.unwrap_or(unspecified);
     entry.dst = orig.dst.unwrap_or(unspecified);
@@ -375,7 +384,9 @@ fn tcp_state(infos: &[ProtoInfo]) -> Option<String> {
 }
 
 fn be16(nla: &NlaBuffer<&[u8]>) -> Option<u16> {
-    nla.value().get(..2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    nla.value()
+        .get(..2)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]))
 }
 
 /// DefaultNla keeps its bytes private; emitting them is the only way out.
@@ -406,7 +417,10 @@ mod tests {
         let mut p = vec![ProtoTuple::Protocol(Protocol::from(proto))];
         p.extend(extra);
         vec![
-            Tuple::Ip(vec![IPTuple::SourceAddress(src), IPTuple::DestinationAddress(dst)]),
+            Tuple::Ip(vec![
+                IPTuple::SourceAddress(src),
+                IPTuple::DestinationAddress(dst),
+            ]),
             Tuple::Proto(p),
         ]
     }
@@ -444,17 +458,25 @@ mod tests {
                     a,
                     b,
                     6,
-                    vec![ProtoTuple::SourcePort(40000), ProtoTuple::DestinationPort(80)],
+                    vec![
+                        ProtoTuple::SourcePort(40000),
+                        ProtoTuple::DestinationPort(80),
+                    ],
                 )),
                 ConntrackAttribute::CtaTupleReply(tuple(
                     b,
                     a,
                     6,
-                    vec![ProtoTuple::SourcePort(80), ProtoTuple::DestinationPort(40000)],
+                    vec![
+                        ProtoTuple::SourcePort(80),
+                        ProtoTuple::DestinationPort(40000),
+                    ],
                 )),
                 ConntrackAttribute::CtaStatus(status),
                 ConntrackAttribute::CtaTimeout(431999),
-                ConntrackAttribute::CtaProtoInfo(vec![ProtoInfo::TCP(vec![ProtoInfoTCP::State(3)])]),
+                ConntrackAttribute::CtaProtoInfo(vec![ProtoInfo::TCP(vec![ProtoInfoTCP::State(
+                    3,
+                )])]),
                 // Counters and friends must be skipped, not trip the decoder.
                 ConntrackAttribute::Other(DefaultNla::new(12, vec![0, 0, 0, 1])),
                 ConntrackAttribute::Other(DefaultNla::new(CTA_ZONE, vec![0, 7])),
@@ -489,7 +511,10 @@ mod tests {
         let b: IpAddr = Ipv6Addr::LOCALHOST.into();
         let icmp = |id: u16, ty: u8| {
             vec![
-                ProtoTuple::Other(DefaultNla::new(CTA_PROTO_ICMPV6_ID, id.to_be_bytes().to_vec())),
+                ProtoTuple::Other(DefaultNla::new(
+                    CTA_PROTO_ICMPV6_ID,
+                    id.to_be_bytes().to_vec(),
+                )),
                 ProtoTuple::Other(DefaultNla::new(CTA_PROTO_ICMPV6_TYPE, vec![ty])),
                 ProtoTuple::Other(DefaultNla::new(CTA_PROTO_ICMPV6_CODE, vec![0])),
             ]
@@ -506,19 +531,34 @@ mod tests {
         assert_eq!((e.family, e.proto, e.src, e.dst), (6, 58, a, b));
         assert_eq!((e.sport, e.dport), (0x1234, 128 << 8));
         assert_eq!(e.reply_dport, 129 << 8);
-        assert_eq!((e.tcp_state, e.assured, e.timeout, e.zone), (None, false, None, 0));
+        assert_eq!(
+            (e.tcp_state, e.assured, e.timeout, e.zone),
+            (None, false, None, 0)
+        );
     }
 
     #[test]
     fn rejects_entry_without_original_tuple_and_skips_other_families() {
-        let bytes = message(NetfilterProtoFamily::IPv4, vec![ConntrackAttribute::CtaTimeout(5)]);
-        assert!(matches!(decode_entry(&bytes), Err(CtnetlinkError::Decode(_))));
+        let bytes = message(
+            NetfilterProtoFamily::IPv4,
+            vec![ConntrackAttribute::CtaTimeout(5)],
+        );
+        assert!(matches!(
+            decode_entry(&bytes),
+            Err(CtnetlinkError::Decode(_))
+        ));
         let bytes = message(NetfilterProtoFamily::Bridge, vec![]);
         assert_eq!(decode_entry(&bytes).unwrap(), None);
         // Truncated attribute header.
-        let mut bytes = message(NetfilterProtoFamily::IPv4, vec![ConntrackAttribute::CtaTimeout(5)]);
+        let mut bytes = message(
+            NetfilterProtoFamily::IPv4,
+            vec![ConntrackAttribute::CtaTimeout(5)],
+        );
         bytes[4] = 200;
-        assert!(matches!(decode_entry(&bytes), Err(CtnetlinkError::Decode(_))));
+        assert!(matches!(
+            decode_entry(&bytes),
+            Err(CtnetlinkError::Decode(_))
+        ));
     }
 
     #[test]
@@ -538,14 +578,22 @@ mod tests {
 
         let err = nlmsg(NLMSG_ERROR, 9, &(-libc::EPERM).to_ne_bytes());
         match walk_datagram(&err, 9, &mut |_, _| Ok(())) {
-            Err(CtnetlinkError::Kernel { source, .. }) => assert_eq!(source.raw_os_error(), Some(libc::EPERM)),
+            Err(CtnetlinkError::Kernel { source, .. }) => {
+                assert_eq!(source.raw_os_error(), Some(libc::EPERM))
+            }
             other => panic!("{other:?}"),
         }
         let done_err = nlmsg(NLMSG_DONE, 9, &(-libc::ENOMEM).to_ne_bytes());
-        assert!(matches!(walk_datagram(&done_err, 9, &mut |_, _| Ok(())), Err(CtnetlinkError::Kernel { .. })));
+        assert!(matches!(
+            walk_datagram(&done_err, 9, &mut |_, _| Ok(())),
+            Err(CtnetlinkError::Kernel { .. })
+        ));
         let mut short = nlmsg(0x0100, 9, &[2, 0, 0, 0]);
         short.truncate(18);
-        assert!(matches!(walk_datagram(&short, 9, &mut |_, _| Ok(())), Err(CtnetlinkError::Decode(_))));
+        assert!(matches!(
+            walk_datagram(&short, 9, &mut |_, _| Ok(())),
+            Err(CtnetlinkError::Decode(_))
+        ));
     }
 
     #[test]
@@ -555,8 +603,18 @@ mod tests {
         let one = message(
             NetfilterProtoFamily::IPv4,
             vec![
-                ConntrackAttribute::CtaTupleOrig(tuple(a, b, 17, vec![ProtoTuple::SourcePort(1), ProtoTuple::DestinationPort(2)])),
-                ConntrackAttribute::CtaTupleReply(tuple(b, a, 17, vec![ProtoTuple::SourcePort(2), ProtoTuple::DestinationPort(1)])),
+                ConntrackAttribute::CtaTupleOrig(tuple(
+                    a,
+                    b,
+                    17,
+                    vec![ProtoTuple::SourcePort(1), ProtoTuple::DestinationPort(2)],
+                )),
+                ConntrackAttribute::CtaTupleReply(tuple(
+                    b,
+                    a,
+                    17,
+                    vec![ProtoTuple::SourcePort(2), ProtoTuple::DestinationPort(1)],
+                )),
                 ConntrackAttribute::CtaStatus(Status::Confirmed),
                 ConntrackAttribute::CtaTimeout(30),
                 ConntrackAttribute::Other(DefaultNla::new(8, vec![0; 4])),
@@ -607,7 +665,10 @@ mod tests {
     #[test]
     fn root_dump_matches_conntrack_cli() {
         use crate::netns::testutil::*;
-        if !can_run("root_dump_matches_conntrack_cli", &["ip", "nft", "conntrack"]) {
+        if !can_run(
+            "root_dump_matches_conntrack_cli",
+            &["ip", "nft", "conntrack"],
+        ) {
             return;
         }
         const K: usize = 50;
@@ -630,7 +691,11 @@ mod tests {
         })
         .unwrap();
         let accepted: Vec<TcpStream> = (0..K)
-            .map(|i| if i % 2 == 0 { v4.accept() } else { v6.accept() }.unwrap().0)
+            .map(|i| {
+                if i % 2 == 0 { v4.accept() } else { v6.accept() }
+                    .unwrap()
+                    .0
+            })
             .collect();
 
         let entries = dump_in(&ns.info).unwrap();

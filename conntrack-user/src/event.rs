@@ -24,6 +24,8 @@ pub enum Kind {
     Evict,
     Clash,
     New,
+    /// An entry from before attach was freed (aggregation only).
+    SeedFree,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -33,6 +35,9 @@ pub enum Role {
     Inbound,
     /// Locally generated: attributed to the sending process.
     Local,
+    /// Created outside the packet path (ctnetlink, templates), or seen
+    /// without hook context.
+    Unknown,
 }
 
 /// One direction of a flow, decoded.
@@ -128,15 +133,16 @@ pub fn kind_of(k: u8) -> Result<Kind, DecodeError> {
         kind::EVICT => Ok(Kind::Evict),
         kind::CLASH => Ok(Kind::Clash),
         kind::NEW => Ok(Kind::New),
+        kind::SEED_FREE => Ok(Kind::SeedFree),
         k => Err(DecodeError::Kind(k)),
     }
 }
 
 pub fn role_of(r: u8) -> Role {
-    if r == role::LOCAL {
-        Role::Local
-    } else {
-        Role::Inbound
+    match r {
+        role::LOCAL => Role::Local,
+        role::INBOUND => Role::Inbound,
+        _ => Role::Unknown,
     }
 }
 

@@ -16,6 +16,7 @@ pub mod error;
 pub mod event;
 pub mod loader;
 pub mod netns;
+pub mod occupancy;
 pub mod reconcile;
 pub mod source;
 pub mod views;

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use aya::{
-    programs::{Program, RawTracePoint},
-    Ebpf, EbpfLoader,
+    programs::{FEntry, FExit, KProbe, Program, RawTracePoint},
+    Btf, Ebpf, EbpfLoader,
 };
 
 use crate::{
@@ -40,6 +40,12 @@ pub enum LoadError {
         release: String,
         detail: String,
         hint: String,
+    },
+    #[error("{mode} mode is unavailable on kernel {release}: {why}")]
+    Unavailable {
+        mode: Mode,
+        release: String,
+        why: String,
     },
     #[error("no attach mode works on kernel {release}: {tried}")]
     NoMode { release: String, tried: String },
@@ -147,21 +153,81 @@ pub fn load(req: &LoadRequest) -> Result<Loaded, LoadError> {
     })
 }
 
+/// Why `mode` cannot work here, found without loading anything.
+fn unavailable(mode: Mode, kbtf: &KernelBtf) -> Option<String> {
+    let functions = || {
+        compat::probes_for(mode)
+            .filter(|p| p.required && p.attach.is_function())
+            .map(|p| p.attach.target())
+    };
+    match mode {
+        Mode::Fentry => {
+            for f in functions() {
+                if !kbtf.has_function(f) {
+                    return Some(format!("{f} is not in the kernel's BTF"));
+                }
+                if let Some(m) = kbtf.function_in_module(f) {
+                    return Some(format!(
+                        "{f} lives in module {m}'s BTF and aya attaches fentry only to vmlinux functions (the kprobe mode covers it)"
+                    ));
+                }
+            }
+            None
+        }
+        Mode::Kprobe => {
+            if !Path::new("/sys/bus/event_source/devices/kprobe").exists() {
+                return Some("the kernel has no kprobes (CONFIG_KPROBES is off)".into());
+            }
+            None
+        }
+        Mode::Tracepoint => btf::netfilter_drop_reason(kbtf).err().map(|e| e.to_string()),
+    }
+}
+
+/// `LIVE` holds one record per entry created since attach; size it for a
+/// full table (it is not preallocated, so unused room costs nothing).
+fn live_capacity(mode: Mode) -> u32 {
+    if !mode.sees_entries() {
+        return 1;
+    }
+    std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map_or(262_144, |m| m.clamp(4096, 1 << 21) as u32)
+}
+
 fn load_mode(
     mode: Mode,
     req: &LoadRequest,
     kbtf: &KernelBtf,
     release: &str,
 ) -> Result<Loaded, LoadError> {
-    let mut config = btf::resolve_config(kbtf)?;
+    if let Some(why) = unavailable(mode, kbtf) {
+        return Err(LoadError::Unavailable {
+            mode,
+            release: release.to_string(),
+            why,
+        });
+    }
+    let mut config = btf::resolve_layout(kbtf)?;
+    config.reason_netfilter_drop = btf::netfilter_drop_reason(kbtf).unwrap_or(0);
     config.stream_new = req.stream_new as u32;
     let mut ebpf = EbpfLoader::new()
         .override_global("CONFIG", &config, true)
+        .map_max_entries("LIVE", live_capacity(mode))
         .load(OBJECT)
         .map_err(|e| classify_load_error(e, release))?;
+    let vmlinux = if mode == Mode::Fentry {
+        Some(Btf::from_sys_fs().map_err(|e| LoadError::Load {
+            release: release.to_string(),
+            detail: chain(&e),
+        })?)
+    } else {
+        None
+    };
     let mut attached = Vec::new();
     for spec in compat::probes_for(mode) {
-        match attach(&mut ebpf, spec, release) {
+        match attach(&mut ebpf, spec, release, vmlinux.as_ref()) {
             Ok(()) => attached.push(spec.program),
             Err(e) if spec.required => return Err(e),
             Err(e) => log::warn!("optional probe skipped: {e}"),
@@ -190,7 +256,12 @@ fn classify_load_error(e: aya::EbpfError, release: &str) -> LoadError {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec, release: &str) -> Result<(), LoadError> {
+fn attach(
+    ebpf: &mut Ebpf,
+    spec: &ProbeSpec,
+    release: &str,
+    vmlinux: Option<&Btf>,
+) -> Result<(), LoadError> {
     let fail = |stage: &'static str, detail: String| {
         let old = compat::parse_release(release).is_some_and(|v| v < spec.min_kernel);
         let hint = if old {
@@ -216,13 +287,36 @@ fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec, release: &str) -> Result<(), LoadEr
     let prog = ebpf
         .program_mut(spec.program)
         .ok_or_else(|| fail("load", "program missing from the eBPF object".into()))?;
+    let no_btf = || fail("load", "no vmlinux BTF for fentry".into());
     match (spec.attach, prog) {
         (Attach::RawTracepoint(tp), Program::RawTracePoint(p)) => {
             let p: &mut RawTracePoint = p;
             p.load().map_err(|e| fail("load", chain(&e)))?;
             p.attach(tp).map_err(|e| fail("attach", chain(&e)))?;
         }
-        (_, _) => return Err(fail("load", "program type does not match the compat table".into())),
+        (Attach::KProbe(f) | Attach::KRetProbe(f), Program::KProbe(p)) => {
+            let p: &mut KProbe = p;
+            p.load().map_err(|e| fail("load", chain(&e)))?;
+            p.attach(f, 0).map_err(|e| fail("attach", chain(&e)))?;
+        }
+        (Attach::FEntry(f), Program::FEntry(p)) => {
+            let p: &mut FEntry = p;
+            p.load(f, vmlinux.ok_or_else(no_btf)?)
+                .map_err(|e| fail("load", chain(&e)))?;
+            p.attach().map_err(|e| fail("attach", chain(&e)))?;
+        }
+        (Attach::FExit(f), Program::FExit(p)) => {
+            let p: &mut FExit = p;
+            p.load(f, vmlinux.ok_or_else(no_btf)?)
+                .map_err(|e| fail("load", chain(&e)))?;
+            p.attach().map_err(|e| fail("attach", chain(&e)))?;
+        }
+        (_, _) => {
+            return Err(fail(
+                "load",
+                "program type does not match the compat table".into(),
+            ))
+        }
     }
     Ok(())
 }

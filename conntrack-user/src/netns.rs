@@ -103,7 +103,11 @@ pub fn list() -> Result<Vec<NetnsInfo>, NetnsError> {
         source,
     })?;
     for entry in proc_dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         // Every error below means the task exited mid-scan, or we may not
@@ -123,7 +127,11 @@ pub fn list() -> Result<Vec<NetnsInfo>, NetnsError> {
             continue;
         };
         for task in tasks.flatten() {
-            let Some(tid) = task.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            let Some(tid) = task
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
                 continue;
             };
             if tid == pid {
@@ -312,8 +320,14 @@ pub(crate) mod testutil {
                 .map(|s| s.success())
                 .unwrap_or(false);
             if !ok {
-                eprintln!("skipping {test}: `{tool}` is not installed (apt-get install {})",
-                    match *tool { "ip" => "iproute2", "nft" => "nftables", other => other });
+                eprintln!(
+                    "skipping {test}: `{tool}` is not installed (apt-get install {})",
+                    match *tool {
+                        "ip" => "iproute2",
+                        "nft" => "nftables",
+                        other => other,
+                    }
+                );
                 return false;
             }
         }
@@ -369,7 +383,9 @@ pub(crate) mod testutil {
                 "c",
                 "{ type filter hook prerouting priority 0; }",
             ]);
-            self.exec(&["nft", "add", "rule", "inet", "t", "c", "ct", "state", "new", "counter"]);
+            self.exec(&[
+                "nft", "add", "rule", "inet", "t", "c", "ct", "state", "new", "counter",
+            ]);
         }
     }
 
@@ -441,7 +457,10 @@ mod tests {
         assert_eq!(ns.info.name.as_deref(), Some(ns.name.as_str()));
 
         let listed = list().unwrap();
-        let entry = listed.iter().find(|n| n.inum == ns.info.inum).expect("listed");
+        let entry = listed
+            .iter()
+            .find(|n| n.inum == ns.info.inum)
+            .expect("listed");
         assert_eq!(entry.name.as_deref(), Some(ns.name.as_str()));
         assert_eq!(resolve(&ns.info.inum.to_string()).unwrap(), ns.info);
 
@@ -449,7 +468,10 @@ mod tests {
         assert_eq!(inside, ns.info.inum);
         // The helper thread read its own netns; /proc/thread-self/net shows
         // that netns's devices, not ours.
-        let devs = run_in(&ns.info, || fs::read_to_string("/proc/thread-self/net/dev").unwrap()).unwrap();
+        let devs = run_in(&ns.info, || {
+            fs::read_to_string("/proc/thread-self/net/dev").unwrap()
+        })
+        .unwrap();
         assert!(devs.contains("lo:"));
         assert_eq!(self_inum(), me, "caller thread must not move");
 
@@ -457,7 +479,10 @@ mod tests {
             inum: ns.info.inum.wrapping_add(1),
             ..ns.info.clone()
         };
-        assert!(matches!(run_in(&stale, || ()), Err(NetnsError::Vanished { .. })));
+        assert!(matches!(
+            run_in(&stale, || ()),
+            Err(NetnsError::Vanished { .. })
+        ));
     }
 
     #[test]
@@ -483,8 +508,8 @@ mod tests {
         let pid = child.id();
         let guard = Kill(child);
         let path = format!("/proc/{pid}/ns/net");
-        // unshare forks nothing: the pid itself enters the new netns, but
-        // only after exec; wait for it.
+        // unshare(1) forks nothing: the child's own pid moves to the new
+        // netns a moment after spawn, so wait for that.
         let mut inum = 0;
         for _ in 0..100 {
             inum = inum_of(Path::new(&path)).unwrap_or(0);
@@ -508,6 +533,9 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         assert!(gone, "netns {inum} still listed after its process died");
-        assert!(matches!(run_in(&found, || ()), Err(NetnsError::Vanished { .. })));
+        assert!(matches!(
+            run_in(&found, || ()),
+            Err(NetnsError::Vanished { .. })
+        ));
     }
 }

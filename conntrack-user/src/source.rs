@@ -2,7 +2,7 @@
 //! per-CPU `STATS` counters and the per-CPU `DROPS` aggregation map.
 use std::collections::HashMap;
 
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use conntrack_ebpf::{stat, AggKey, FlowEvent};
 use tokio::io::unix::AsyncFd;
 
@@ -39,7 +39,9 @@ impl KernelStats {
 pub struct KernelSource {
     ring: AsyncFd<RingBuf<MapData>>,
     stats: PerCpuArray<MapData, u64>,
-    drops: PerCpuHashMap<MapData, AggKey, u64>,
+    counts: PerCpuHashMap<MapData, AggKey, u64>,
+    occupancy: PerCpuHashMap<MapData, AggKey, i64>,
+    live: BpfHashMap<MapData, u64, FlowEvent>,
     /// Records the decoder refused (size or content): counted as lost.
     pub malformed: u64,
 }
@@ -66,7 +68,9 @@ impl KernelSource {
             // (both live in this struct and are dropped together).
             ring: unsafe { AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)?,
             stats: take(loaded, "STATS")?,
-            drops: take(loaded, "DROPS")?,
+            counts: take(loaded, "COUNTS")?,
+            occupancy: take(loaded, "OCC")?,
+            live: take(loaded, "LIVE")?,
             malformed: 0,
         })
     }
@@ -111,17 +115,45 @@ impl KernelSource {
         Ok(KernelStats(out))
     }
 
-    /// Every aggregation key with its count summed over CPUs. Keys are never
-    /// deleted while running (that would race with the kernel's increments);
-    /// callers take differences between two reads.
-    pub fn drop_counts(&self) -> Result<HashMap<AggKey, u64>, SourceError> {
+    /// Every aggregation key (drops, new entries, evictions, clashes) with
+    /// its count summed over CPUs. Keys are never deleted while running
+    /// (that would race with the kernel's increments); callers take
+    /// differences between two reads.
+    pub fn counts(&self) -> Result<HashMap<AggKey, u64>, SourceError> {
         let mut out = HashMap::new();
-        for item in self.drops.iter() {
+        for item in self.counts.iter() {
             let (k, v) = item.map_err(|e| SourceError::Map {
-                name: "DROPS",
+                name: "COUNTS",
                 detail: e.to_string(),
             })?;
             out.insert(k, v.iter().sum());
+        }
+        Ok(out)
+    }
+
+    /// Flows of the entries created since attach and still live (used once,
+    /// right after attach, to keep the seed dump from counting them twice).
+    pub fn live_flows(&self) -> std::collections::HashSet<crate::occupancy::FlowId> {
+        self.live
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(_, ev)| crate::occupancy::FlowId::of_tuple(ev.netns, &ev.tuple))
+            .collect()
+    }
+
+    /// Entries held per creation key, created since attach and not yet
+    /// freed (per-CPU +1/-1 summed; only the sum is meaningful).
+    pub fn occupancy(&self) -> Result<HashMap<AggKey, i64>, SourceError> {
+        let mut out = HashMap::new();
+        for item in self.occupancy.iter() {
+            let (k, v) = item.map_err(|e| SourceError::Map {
+                name: "OCC",
+                detail: e.to_string(),
+            })?;
+            let n: i64 = v.iter().sum();
+            if n != 0 {
+                out.insert(k, n);
+            }
         }
         Ok(out)
     }

@@ -61,6 +61,9 @@ impl Scope {
 enum OwnerKey {
     Listener { netns: u32, proto: u8, port: u16 },
     Sender { sock_ino: u64, tgid: u32, comm: String },
+    /// No hook context (entries from before attach, or made by ctnetlink):
+    /// the listener of the port if there is one, else nobody.
+    Unknown { netns: u32, proto: u8, port: u16 },
 }
 
 pub struct Watch {
@@ -117,11 +120,26 @@ impl Watch {
                 tgid: rec.tgid,
                 comm: rec.comm.clone(),
             },
+            Role::Unknown => OwnerKey::Unknown {
+                netns: rec.netns,
+                proto: rec.proto,
+                port: rec.dport,
+            },
         }
     }
 
     fn resolve(&mut self, key: &OwnerKey) -> RowKey {
         match key {
+            OwnerKey::Unknown { netns, proto, port } => {
+                match self.attributor.listener(*netns, *proto, *port) {
+                    Some(o) => RowKey {
+                        key: o.comm,
+                        pid: Some(o.pid),
+                        role: Some("listener"),
+                    },
+                    None => RowKey::plain("(unknown)"),
+                }
+            }
             OwnerKey::Listener { netns, proto, port } => {
                 match self.attributor.listener(*netns, *proto, *port) {
                     Some(o) => RowKey {

@@ -61,6 +61,11 @@ macro_rules! require_env {
     };
 }
 
+/// The attach mode under test: `tracepoint` on the host, `kprobe` in VMs.
+pub fn mode() -> String {
+    std::env::var("CTWATCH_TEST_MODE").unwrap_or_else(|_| "tracepoint".into())
+}
+
 pub fn ctwatch_bin() -> PathBuf {
     PathBuf::from(std::env::var_os("CTWATCH_BIN").expect("CTWATCH_BIN"))
 }
@@ -102,8 +107,10 @@ impl Netns {
         std::fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).expect("netns inode")
     }
 
+    /// Writes a per-netns sysctl (busybox in the VMs has no `sysctl -q`).
     pub fn sysctl(&self, key: &str, value: &str) {
-        self.exec(&["sysctl", "-qw", &format!("{key}={value}")]);
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        self.exec(&["sh", "-c", &format!("echo {value} > {path}")]);
     }
 
     /// Conntrack only runs in a netns whose ruleset uses it.

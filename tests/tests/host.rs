@@ -1,6 +1,8 @@
-//! Host integration tests: root, serial (`--test-threads=1`), tracepoint
-//! mode. Each test builds its own namespaces; counts are checked against the
-//! kernel's own per-netns `drop` counter, never against ctwatch alone.
+//! Victim tests: root, serial (`--test-threads=1`). On the host they run in
+//! tracepoint mode; inside the VMs the same tests run in the kernel-probe
+//! mode (`CTWATCH_TEST_MODE`). Each test builds its own namespaces; counts
+//! are checked against the kernel's own per-netns `drop` counter, never
+//! against ctwatch alone.
 use ctwatch_tests::*;
 
 const HOLD_PORT: u16 = 7400;
@@ -9,7 +11,7 @@ fn report_args(ns: &Netns) -> Vec<String> {
     vec![
         "report".into(),
         "--mode".into(),
-        "tracepoint".into(),
+        mode(),
         "--duration".into(),
         "60".into(),
         "--json".into(),
@@ -39,7 +41,7 @@ fn udp_inbound_flood_is_attributed_to_source_port_and_listener() {
     let listener = lab.srv.peer(&["udp-listen", "0.0.0.0:5353"]);
     let before = lab.srv.kernel_drops();
     let w = start_report(&lab.srv);
-    assert!(w.banner.contains("tracepoint mode"), "banner: {}", w.banner);
+    assert!(w.banner.contains(&format!("{} mode", mode())), "banner: {}", w.banner);
     lab.cli.peer_run(&["udp-send", "198.18.0.1:5353", &N.to_string()]);
     settle();
     let r = w.report();
@@ -58,7 +60,7 @@ fn udp_inbound_flood_is_attributed_to_source_port_and_listener() {
     assert_eq!(p["pid"], listener.pid, "{r}");
     assert_eq!(p["role"], "listener");
     assert_eq!(p["count"], N as u64);
-    assert_eq!(r["mode"], "tracepoint");
+    assert_eq!(r["mode"], mode());
     assert_eq!(r["lost_events"], 0);
     assert_eq!(r["reconciliation"].as_array().unwrap().len(), 0, "{r}");
 }
@@ -186,7 +188,8 @@ fn drops_stream_prints_each_flow() {
     let _held = lab.fill(MAX, HOLD_PORT);
     let _l = lab.srv.peer(&["udp-listen", "0.0.0.0:5353"]);
     let ns = lab.srv.name.clone();
-    let w = Ctwatch::start(&["drops", "--json", "--mode", "tracepoint", "--netns", &ns]);
+    let m = mode();
+    let w = Ctwatch::start(&["drops", "--json", "--mode", &m, "--netns", &ns]);
     lab.cli.peer_run(&["udp-send", "198.18.0.1:5353", &N.to_string()]);
     settle();
     let (code, out) = w.stop();
@@ -214,7 +217,8 @@ fn drops_stream_prints_each_flow() {
 #[test]
 fn nothing_stays_attached_after_exit() {
     require_env!();
-    let w = Ctwatch::start(&["report", "--mode", "tracepoint", "--duration", "60"]);
+    let m = mode();
+    let w = Ctwatch::start(&["report", "--mode", &m, "--duration", "60"]);
     assert!(!ctwatch_programs().is_empty(), "ctwatch's program should be loaded while it runs");
     let (code, _) = w.stop();
     assert_eq!(code, 0);
@@ -223,7 +227,7 @@ fn nothing_stays_attached_after_exit() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(ctwatch_programs().is_empty(), "left attached: {:?}", ctwatch_programs());
     // SIGTERM takes the same clean path.
-    let w = Ctwatch::start(&["report", "--mode", "tracepoint", "--duration", "60"]);
+    let w = Ctwatch::start(&["report", "--mode", &m, "--duration", "60"]);
     let (code, _) = w.stop_with(libc::SIGTERM);
     assert_eq!(code, 0);
     std::thread::sleep(std::time::Duration::from_millis(300));

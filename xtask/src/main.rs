@@ -84,15 +84,11 @@ fn cargo() -> Command {
 /// The eBPF object, always optimised: the verifier rejects debug builds.
 fn build_ebpf() -> Result<PathBuf> {
     setup::ensure_build_tools()?;
-    run(cargo()
-        .args(["+nightly", "build", "--quiet", "-p", "conntrack-ebpf", "--features", "ebpf"])
+    run(setup::nightly("cargo")
+        .current_dir(root())
+        .args(["build", "--quiet", "-p", "conntrack-ebpf", "--features", "ebpf"])
         .args(["--bin", "ctwatch-ebpf", "--target", "bpfel-unknown-none"])
-        .args(["-Z", "build-std=core", "--release"])
-        // rustup's proxy picks nightly from `+nightly`; drop the stable
-        // toolchain that `cargo xtask` itself runs under.
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .env_remove("RUSTC")
-        .env_remove("CARGO"))
+        .args(["-Z", "build-std=core", "--release"]))
     .context("building the eBPF object")?;
     Ok(root().join("target/bpfel-unknown-none/release/ctwatch-ebpf"))
 }
@@ -167,10 +163,151 @@ fn main() -> Result<()> {
     }
 }
 
+/// Paths of the `ctwatch-tests` integration test binaries, by target name.
+fn test_binaries() -> Result<Vec<(String, PathBuf)>> {
+    let out = setup::cmd_output(cargo().args([
+        "test",
+        "-p",
+        "ctwatch-tests",
+        "--tests",
+        "--no-run",
+        "--message-format=json",
+    ]))?;
+    let mut bins = Vec::new();
+    for line in out.lines() {
+        // Plain string matching keeps xtask free of a JSON dependency.
+        if !line.contains("\"reason\":\"compiler-artifact\"") || !line.contains("\"test\"") {
+            continue;
+        }
+        let field = |name: &str| -> Option<String> {
+            let start = line.find(&format!("\"{name}\":\""))? + name.len() + 4;
+            let end = line[start..].find('"')? + start;
+            Some(line[start..end].to_string())
+        };
+        if let (Some(exe), Some(target)) = (field("executable"), line.find("\"target\":{\"name\":\"")) {
+            let rest = &line[target + 18..];
+            let name = rest[..rest.find('"').unwrap_or(0)].to_string();
+            if name == "host" || name == "kernel_probes" {
+                bins.push((name, PathBuf::from(exe)));
+            }
+        }
+    }
+    if bins.len() != 2 {
+        bail!("could not find the host and kernel_probes test binaries (found {bins:?})");
+    }
+    Ok(bins)
+}
+
+/// One line per kernel: what ran and how it ended.
+struct VmRow {
+    kernel: String,
+    release: String,
+    mode: String,
+    passed: u64,
+    failed: u64,
+    ok: bool,
+    why: String,
+}
+
+/// Sums libtest's `test result:` lines.
+fn tally(output: &str) -> (u64, u64) {
+    let mut passed = 0;
+    let mut failed = 0;
+    for line in output.lines().filter(|l| l.contains("test result:")) {
+        let num = |word: &str| -> u64 {
+            line.split(';')
+                .find(|p| p.trim_end().ends_with(word))
+                .and_then(|p| p.split_whitespace().rev().nth(1))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        passed += num("passed");
+        failed += num("failed");
+    }
+    (passed, failed)
+}
+
 fn integration_vm(kernels: &[String]) -> Result<()> {
     vm::ensure_host_tools()?;
-    let _ = kernels;
-    bail!("the VM suite is not wired yet")
+    setup::ensure_test_tools()?;
+    // Release: TCG emulation is slow enough without a debug build.
+    let ctwatch = build(true)?;
+    run(cargo().args(["build", "--quiet", "-p", "ctwatch-tests", "--bins"]))?;
+    let bins = test_binaries()?;
+    let mut files = vec![
+        (ctwatch, "/bin/ctwatch".to_string()),
+        (root().join("target/debug/ctpeer"), "/bin/ctpeer".to_string()),
+    ];
+    for (name, path) in &bins {
+        files.push((path.clone(), format!("/bin/ctw-{name}")));
+    }
+    let opts = vm::VmOpts {
+        kernels: kernels.to_vec(),
+        files,
+        share: None,
+        command: Some(
+            "/bin/ctw-kernel_probes --test-threads=1 && /bin/ctw-host --test-threads=1".into(),
+        ),
+        env: vec![
+            ("CTWATCH_BIN".into(), "/bin/ctwatch".into()),
+            ("CTPEER_BIN".into(), "/bin/ctpeer".into()),
+            ("CTWATCH_TEST_MODE".into(), "kprobe".into()),
+            // Inside the VM nothing may skip for lack of privileges.
+            ("CTWATCH_REQUIRE_PRIVILEGED".into(), "1".into()),
+            ("RUST_BACKTRACE".into(), "1".into()),
+        ],
+        timeout: Duration::from_secs(900),
+    };
+    let results = vm::run_in_vms(&opts)?;
+    let rows: Vec<VmRow> = results
+        .iter()
+        .map(|r| {
+            let (passed, failed) = tally(&r.output);
+            let mode = r
+                .output
+                .lines()
+                .find_map(|l| l.split("ctwatch: ").nth(1)?.split(" mode on kernel").next().map(str::to_string))
+                .unwrap_or_else(|| "-".into());
+            let why = if r.timed_out {
+                "timed out".to_string()
+            } else if r.panicked {
+                "kernel panic".to_string()
+            } else if r.exit_code.is_none() {
+                "no exit line".to_string()
+            } else if passed == 0 {
+                "no test ran".to_string()
+            } else {
+                String::new()
+            };
+            VmRow {
+                kernel: r.kernel.clone(),
+                release: r.kernel_release.clone(),
+                mode,
+                passed,
+                failed,
+                ok: r.exit_code == Some(0) && passed > 0 && failed == 0,
+                why,
+            }
+        })
+        .collect();
+    println!("\n{:<7} {:<32} {:<11} {:>7} {:>7}  result", "kernel", "release", "mode", "passed", "failed");
+    for r in &rows {
+        println!(
+            "{:<7} {:<32} {:<11} {:>7} {:>7}  {}{}",
+            r.kernel,
+            r.release,
+            r.mode,
+            r.passed,
+            r.failed,
+            if r.ok { "ok" } else { "FAILED" },
+            if r.why.is_empty() { String::new() } else { format!(" ({})", r.why) }
+        );
+    }
+    let failed: Vec<&str> = rows.iter().filter(|r| !r.ok).map(|r| r.kernel.as_str()).collect();
+    if !failed.is_empty() {
+        bail!("VM suite failed on kernel(s) {}", failed.join(", "));
+    }
+    Ok(())
 }
 
 fn boot_vm(kernel: &str, share: Option<PathBuf>, command: Vec<String>) -> Result<()> {

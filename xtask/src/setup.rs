@@ -37,9 +37,21 @@ pub fn have(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// A nightly tool through rustup, clear of the stable toolchain that
+/// `cargo xtask` itself runs under (cargo exports it to its children).
+pub fn nightly(tool: &str) -> Command {
+    let mut c = Command::new("rustup");
+    c.args(["run", "nightly", tool])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTDOC")
+        .env_remove("CARGO");
+    c
+}
+
 /// Nightly's sysroot and the file name of its shared libLLVM.
 fn nightly_llvm() -> Result<(PathBuf, String, u32)> {
-    let sysroot = cmd_output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+    let sysroot = cmd_output(nightly("rustc").args(["--print", "sysroot"]))
         .context("the nightly toolchain is required for the eBPF build: rustup toolchain install nightly")?;
     let sysroot = PathBuf::from(sysroot.trim());
     let lib = sysroot.join("lib");
@@ -48,7 +60,7 @@ fn nightly_llvm() -> Result<(PathBuf, String, u32)> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|n| n.starts_with("libLLVM.so."))
         .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
-    let vv = cmd_output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let vv = cmd_output(nightly("rustc").arg("-vV"))?;
     let major = vv
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
@@ -95,8 +107,8 @@ fn ensure_bpf_linker(cache: &Path) -> Result<()> {
         std::os::unix::fs::symlink(sysroot.join("lib").join(&soname), &link)?;
     }
     eprintln!("xtask: building bpf-linker 0.13 against nightly's LLVM {major} (a few minutes, once)");
-    run(Command::new("cargo")
-        .args(["+nightly", "install", "bpf-linker", "--version", "0.13.0", "--locked", "--force"])
+    run(nightly("cargo")
+        .args(["install", "bpf-linker", "--version", "0.13.0", "--locked", "--force"])
         .args(["--no-default-features", "--features", &format!("llvm-{major}")])
         .env("LLVM_PREFIX", &prefix))
 }

@@ -11,6 +11,10 @@
 //! start line (firmware, kernel, module loading) is kept off the terminal
 //! unless the boot fails, and then it is printed whole.
 //!
+//! Environment: `CTWATCH_CACHE` moves the cache (see [`cache_dir`]);
+//! `CTWATCH_VM_ACCEL` replaces QEMU's `-accel tcg` (e.g. `kvm` on machines
+//! where KVM can run a stock kernel; here it cannot).
+//!
 //! - [`kernels`]: fetching and caching kernels with a private apt configuration.
 //! - [`initramfs`]: building the guest's root file system.
 //! - [`host`]: finding and installing the host tools.
@@ -71,13 +75,6 @@ pub struct VmResult {
     pub panicked: bool,
 }
 
-impl VmResult {
-    /// The command ran to completion and exited 0.
-    pub fn success(&self) -> bool {
-        self.exit_code == Some(0)
-    }
-}
-
 /// `$CTWATCH_CACHE`, or `~/.cache/ctwatch`.
 pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("CTWATCH_CACHE").filter(|d| !d.is_empty()) {
@@ -127,7 +124,12 @@ pub fn run_in_vms(opts: &VmOpts) -> Result<Vec<VmResult>> {
             }
         );
         let started = Instant::now();
-        let result = boot(&qemu, kernel, &image, opts, &nonce)?;
+        let (result, reached_command) = boot(&qemu, kernel, &image, opts, &nonce)?;
+        if !reached_command {
+            // Nothing was streamed; the boot log is the only clue.
+            eprintln!("vm: {} never reached the command; console log:", kernel.mm);
+            eprintln!("{}", result.output);
+        }
         report(&result, started.elapsed(), opts.timeout);
         results.push(result);
     }
@@ -137,7 +139,10 @@ pub fn run_in_vms(opts: &VmOpts) -> Result<Vec<VmResult>> {
 fn validate(opts: &VmOpts) -> Result<()> {
     for (host_path, guest) in &opts.files {
         if !guest.starts_with('/') {
-            bail!("guest path {guest:?} for {} is not absolute", host_path.display());
+            bail!(
+                "guest path {guest:?} for {} is not absolute",
+                host_path.display()
+            );
         }
         if !host_path.exists() {
             bail!("{} does not exist", host_path.display());
@@ -173,11 +178,6 @@ fn report(result: &VmResult, elapsed: Duration, timeout: Duration) {
             None => "no exit line from the guest".to_string(),
         }
     };
-    if result.exit_code.is_none() {
-        // The console log was not streamed if the guest never got to the
-        // command; show it now, it is the only clue.
-        eprintln!("vm: console log of {}:\n{}", result.kernel, result.output);
-    }
     eprintln!(
         "vm: {} ({}): {how} in {:.1} s",
         result.kernel,
@@ -253,7 +253,7 @@ fn boot(
     image: &initramfs::Image,
     opts: &VmOpts,
     nonce: &str,
-) -> Result<VmResult> {
+) -> Result<(VmResult, bool)> {
     let interactive = opts.command.is_none();
     let accel = std::env::var("CTWATCH_VM_ACCEL").unwrap_or_else(|_| "tcg".to_string());
     let mut cmd = Command::new(qemu);
@@ -278,9 +278,10 @@ fn boot(
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
 
-    let mut child = Qemu(cmd
-        .spawn()
-        .with_context(|| format!("starting {}", qemu.display()))?);
+    let mut child = Qemu(
+        cmd.spawn()
+            .with_context(|| format!("starting {}", qemu.display()))?,
+    );
     let stdout = child.0.stdout.take().context("QEMU stdout")?;
     let start_tag = format!("CTWATCH-VM-START-{nonce}");
     let exit_tag = format!("CTWATCH-VM-EXIT-{nonce}");
@@ -307,14 +308,16 @@ fn boot(
         .join()
         .map_err(|_| anyhow::anyhow!("console reader panicked"))?;
     let log = String::from_utf8_lossy(&log).replace("\r\n", "\n");
-    Ok(parse_console(
+    let reached_command = log.contains(&start_tag);
+    let result = parse_console(
         &log,
         &kernel.mm,
         &kernel.release,
         &start_tag,
         &exit_tag,
         timed_out,
-    ))
+    );
+    Ok((result, reached_command))
 }
 
 /// Copies the console to stdout as it arrives and returns all of it.
@@ -328,6 +331,8 @@ fn relay(mut from: impl Read, start_tag: &str, exit_tag: &str, interactive: bool
     let mut started = false;
     let mut finished = false;
     let mut blanks = 0;
+    // Interactive: how much of `all` has been written out.
+    let mut shown = 0usize;
     let mut buf = [0u8; 8192];
     let stdout = std::io::stdout();
     loop {
@@ -338,8 +343,22 @@ fn relay(mut from: impl Read, start_tag: &str, exit_tag: &str, interactive: bool
         all.extend_from_slice(&buf[..n]);
         let mut out = stdout.lock();
         if interactive && started {
-            let _ = out.write_all(&buf[..n]);
-            let _ = out.flush();
+            if !finished {
+                let mut upto = all.len();
+                let from = shown.saturating_sub(exit_tag.len());
+                if let Some(at) = find(&all[from..], exit_tag.as_bytes()) {
+                    // Up to the start of the exit line.
+                    let at = from + at;
+                    upto = all[..at]
+                        .iter()
+                        .rposition(|&b| b == b'\n')
+                        .map_or(at, |nl| nl + 1);
+                    finished = true;
+                }
+                let _ = out.write_all(&all[shown.min(upto)..upto]);
+                let _ = out.flush();
+                shown = upto;
+            }
             continue;
         }
         for &b in &buf[..n] {
@@ -374,10 +393,15 @@ fn relay(mut from: impl Read, start_tag: &str, exit_tag: &str, interactive: bool
         if interactive && started {
             let _ = out.write_all(&line);
             line.clear();
+            shown = all.len();
         }
         let _ = out.flush();
     }
     all
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 fn parse_console(

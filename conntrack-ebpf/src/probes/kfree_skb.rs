@@ -18,7 +18,7 @@ use crate::common::{
 };
 
 #[raw_tracepoint(tracepoint = "kfree_skb")]
-pub fn kfree_skb(ctx: RawTracePointContext) -> i32 {
+pub fn ctw_kfree_skb(ctx: RawTracePointContext) -> i32 {
     let reason: u64 = ctx.arg(2);
     if reason as u32 != conf!(reason_netfilter_drop) {
         return 0;

@@ -1,26 +1,61 @@
 //! `ctwatch report`: watch for a window, then print one report.
 use std::{collections::HashMap, time::Instant};
 
-use conntrack_ebpf::stat;
+use conntrack_ebpf::{stat, AggKey};
 
 use crate::{
     aggregate::BreakdownBuilder,
     cli::Settings,
+    ctnetlink,
     error::Error,
-    event, reconcile,
+    event::{self, AggRecord, Kind},
+    netns::NetnsInfo,
+    occupancy::{Seed, SeedKey},
+    reconcile,
     source::counts_since,
     views::{json, text},
     watch::Watch,
 };
 
-pub async fn run(settings: &Settings, duration: std::time::Duration, as_json: bool) -> Result<(), Error> {
+/// One ctnetlink dump per namespace; a namespace that cannot be dumped is
+/// reported, not fatal.
+fn dump_all(scope: &[NetnsInfo], notes: &mut Vec<String>) -> Vec<(u32, Vec<ctnetlink::CtEntry>)> {
+    scope
+        .iter()
+        .filter_map(|ns| match ctnetlink::dump_in(ns) {
+            Ok(entries) => Some((ns.inum, entries)),
+            Err(e) => {
+                notes.push(format!("netns {}: no ctnetlink dump: {e}", ns.inum));
+                None
+            }
+        })
+        .collect()
+}
+
+pub async fn run(
+    settings: &Settings,
+    duration: std::time::Duration,
+    as_json: bool,
+) -> Result<(), Error> {
     let stop = super::stop_requested()?;
     tokio::pin!(stop);
     let mut w = Watch::start(settings, false)?;
+    let kernel_entries = w.loaded.mode.sees_entries();
     let scope_ns = w.scope.namespaces()?;
     let start_counters = reconcile::snapshot(&scope_ns);
-    let drops_before = w.source.drop_counts()?;
+    let counts_before = w.source.counts()?;
     let stats_before = w.source.stats()?;
+    let mut notes = Vec::new();
+    // Entries that predate attach: seeded once, then kept current by the
+    // kernel's frees of pre-existing entries.
+    let mut seed = Seed::default();
+    let mut seed_free_base = HashMap::new();
+    if kernel_entries {
+        let dumps = dump_all(&scope_ns, &mut notes);
+        let known = w.source.live_flows();
+        seed = Seed::from_dumps(dumps.iter().map(|(n, e)| (*n, e.as_slice())), &known);
+        seed_free_base = w.source.counts()?;
+    }
     eprintln!(
         "{}; reporting after {:.1}s (Ctrl-C to stop early)",
         w.banner(),
@@ -49,7 +84,8 @@ pub async fn run(settings: &Settings, duration: std::time::Duration, as_json: bo
         w.observe(&ev);
     }
     let stats = w.source.stats()?.since(&stats_before);
-    let deltas = counts_since(&w.source.drop_counts()?, &drops_before);
+    let counts_now = w.source.counts()?;
+    let deltas = counts_since(&counts_now, &counts_before);
     // Namespaces created during the window count too.
     let mut end_ns = w.scope.namespaces().unwrap_or_default();
     for ns in &scope_ns {
@@ -63,7 +99,11 @@ pub async fn run(settings: &Settings, duration: std::time::Duration, as_json: bo
         start_counters.entry(*k).or_insert_with(|| zeroed(v));
     }
 
+    let top = settings.top;
     let mut drops = BreakdownBuilder::default();
+    let mut new_flows = BreakdownBuilder::default();
+    let mut evicted = BreakdownBuilder::default();
+    let mut clashed = BreakdownBuilder::default();
     let mut seen: HashMap<u32, u64> = HashMap::new();
     let mut unreadable = 0u64;
     for (key, n) in &deltas {
@@ -74,28 +114,77 @@ pub async fn run(settings: &Settings, duration: std::time::Duration, as_json: bo
                 continue;
             }
         };
-        if rec.kind != event::Kind::Drop || !w.scope.contains(rec.netns) {
+        if !w.scope.contains(rec.netns) {
             continue;
         }
-        *seen.entry(rec.netns).or_default() += n;
+        let target = match rec.kind {
+            Kind::Drop => {
+                *seen.entry(rec.netns).or_default() += n;
+                &mut drops
+            }
+            Kind::New => &mut new_flows,
+            Kind::Evict => &mut evicted,
+            Kind::Clash => &mut clashed,
+            Kind::SeedFree => continue,
+        };
         let dims = w.dims(&rec);
-        drops.add(dims, *n);
+        target.add(dims, *n);
     }
     let overflow = stats.get(stat::AGG_OVERFLOW);
     if !w.scope.is_narrowed() {
-        drops.add_unattributed(overflow + unreadable);
+        drops.add_unattributed(unreadable);
     }
+
+    let mut occupancy = BreakdownBuilder::default();
+    if kernel_entries {
+        let frees = counts_since(&counts_now, &seed_free_base)
+            .into_iter()
+            .filter(|(k, _)| k.kind == conntrack_ebpf::kind::SEED_FREE)
+            .filter_map(|(k, n)| Some((SeedKey::of_record(&event::decode_key(&k).ok()?), n)));
+        seed.apply_frees(frees);
+        let live: Vec<(AggKey, i64)> = w.source.occupancy()?.into_iter().collect();
+        let records: Vec<(AggRecord, u64)> = seed
+            .records()
+            .chain(live.iter().filter_map(|(k, n)| {
+                Some((event::decode_key(k).ok()?, u64::try_from(*n).ok()?))
+            }))
+            .collect();
+        for (rec, n) in records {
+            if w.scope.contains(rec.netns) {
+                let dims = w.dims(&rec);
+                occupancy.add(dims, n);
+            }
+        }
+    } else {
+        for (netns, entries) in dump_all(&end_ns, &mut notes) {
+            if !w.scope.contains(netns) {
+                continue;
+            }
+            for (rec, n) in Seed::from_dumps([(netns, entries.as_slice())], &Default::default()).records() {
+                let dims = w.dims(&rec);
+                occupancy.add(dims, n);
+            }
+        }
+    }
+
     let lost = stats.get(stat::RB_LOST) + w.source.malformed;
-    let (netns, mut notes) = reconcile::rows(
+    let (netns, rec_notes) = reconcile::rows(
         &start_counters,
         &end_counters,
         &seen,
         lost,
         w.scope.is_narrowed(),
     );
+    notes.extend(rec_notes);
     if overflow > 0 {
         notes.push(format!(
-            "{overflow} drops exceeded the in-kernel key budget: they are in the totals and under \"other\""
+            "{overflow} counts exceeded the in-kernel key budget: they are in the totals and under \"other\""
+        ));
+    }
+    if stats.get(stat::LIVE_OVERFLOW) > 0 {
+        notes.push(format!(
+            "{} new entries did not fit the live-entry map: occupancy under-counts them",
+            stats.get(stat::LIVE_OVERFLOW)
         ));
     }
     let report = json::Report {
@@ -104,12 +193,33 @@ pub async fn run(settings: &Settings, duration: std::time::Duration, as_json: bo
         duration_s: (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
         lost_events: lost,
         netns,
-        drops: drops.finish(settings.top),
+        drops: {
+            let mut b = drops.finish(top);
+            // Overflowed drops are known only as a total.
+            if !w.scope.is_narrowed() && overflow > 0 {
+                b.total = b.total.max(stats.get(stat::MATCHED));
+            }
+            b
+        },
+        occupancy: occupancy.finish(top),
+        occupancy_source: if kernel_entries {
+            "ctnetlink seed + kernel"
+        } else {
+            "ctnetlink"
+        },
+        new_flows: kernel_entries.then(|| new_flows.finish(top)),
+        evictions: kernel_entries.then(|| stats.get(stat::EVICTIONS)),
+        clashes: kernel_entries.then(|| stats.get(stat::CLASHES)),
+        evicted: kernel_entries.then(|| evicted.finish(top)),
+        clashed: kernel_entries.then(|| clashed.finish(top)),
         reconciliation: notes,
         counters: json::ReportCounters {
             netfilter_drops_any: stats.get(stat::NF_DROP_ANY),
             aggregation_overflow: overflow,
             decode_errors: stats.get(stat::DECODE_ERR),
+            entries_freed: stats.get(stat::FREED),
+            inserts: stats.get(stat::INSERTS),
+            alloc_failures_not_full: stats.get(stat::ALLOC_ERR),
         },
     };
     if as_json {
@@ -123,9 +233,8 @@ pub async fn run(settings: &Settings, duration: std::time::Duration, as_json: bo
 /// A namespace first seen at the end of the window started from zero.
 fn zeroed(end: &reconcile::NetnsSnapshot) -> reconcile::NetnsSnapshot {
     let mut s = end.clone();
-    if let Some((st, src)) = &mut s.stats {
+    if let Some((st, _)) = &mut s.stats {
         *st = Default::default();
-        let _ = src;
     }
     s
 }

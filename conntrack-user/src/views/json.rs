@@ -17,6 +17,22 @@ pub struct Report {
     pub lost_events: u64,
     pub netns: Vec<NetnsRow>,
     pub drops: crate::aggregate::Breakdown,
+    /// Entries held at the end of the window.
+    pub occupancy: crate::aggregate::Breakdown,
+    /// "ctnetlink seed + kernel" (kernel-probe modes) or "ctnetlink" (an end-of-window dump).
+    pub occupancy_source: &'static str,
+    /// Entries created during the window (kernel-probe modes only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_flows: Option<crate::aggregate::Breakdown>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evictions: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clashes: Option<u64>,
+    /// The evicted entries, by their creation keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evicted: Option<crate::aggregate::Breakdown>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clashed: Option<crate::aggregate::Breakdown>,
     /// Where ctwatch and the kernel's counters disagree, and why.
     pub reconciliation: Vec<String>,
     pub counters: ReportCounters,
@@ -30,6 +46,13 @@ pub struct ReportCounters {
     pub aggregation_overflow: u64,
     /// Drops whose packet headers could not be read (counted, not decoded).
     pub decode_errors: u64,
+    /// Entries freed in the window (kernel-probe modes).
+    pub entries_freed: u64,
+    /// Confirmations into the hash table (kernel-probe modes).
+    pub inserts: u64,
+    /// Allocation failures with no failed early_drop before them (memory,
+    /// not a full table): kept out of `drops`.
+    pub alloc_failures_not_full: u64,
 }
 
 /// One process row as it appears on a drop line.

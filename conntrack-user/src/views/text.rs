@@ -118,6 +118,25 @@ pub fn report(r: &Report) -> String {
         let _ = writeln!(o, "  by process:      {}", items(&d.by_process));
         let _ = writeln!(o, "  by netns:        {}", items(&d.by_netns));
     }
+    let o_ = &r.occupancy;
+    let _ = writeln!(o, "entries held: {} ({})", o_.total, r.occupancy_source);
+    if o_.total > 0 {
+        let _ = writeln!(o, "  by source IP:    {}", items(&o_.by_src_ip));
+        let _ = writeln!(o, "  by dest port:    {}", items(&o_.by_dst_port));
+        let _ = writeln!(o, "  by process:      {}", items(&o_.by_process));
+        let _ = writeln!(o, "  by netns:        {}", items(&o_.by_netns));
+    }
+    if let Some(n) = &r.new_flows {
+        let _ = writeln!(o, "entries created: {}", n.total);
+        if n.total > 0 {
+            let _ = writeln!(o, "  by source IP:    {}", items(&n.by_src_ip));
+            let _ = writeln!(o, "  by dest port:    {}", items(&n.by_dst_port));
+            let _ = writeln!(o, "  by process:      {}", items(&n.by_process));
+        }
+    }
+    if let (Some(e), Some(c)) = (r.evictions, r.clashes) {
+        let _ = writeln!(o, "evictions: {e}, insert clashes: {c}");
+    }
     for note in &r.reconciliation {
         let _ = writeln!(o, "note: {note}");
     }

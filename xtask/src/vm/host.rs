@@ -73,10 +73,12 @@ pub(crate) fn is_dynamic_elf(path: &Path) -> bool {
     let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as usize;
     let phoff = u64::from_le_bytes(bytes[32..40].try_into().unwrap()) as usize;
     let (phentsize, phnum) = (u16_at(54), u16_at(56));
+    const PT_INTERP: u32 = 3;
     (0..phnum).any(|i| {
         let at = phoff + i * phentsize;
-        at + 4 <= bytes.len()
-            && u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) == 3 // PT_INTERP
+        bytes
+            .get(at..at + 4)
+            .is_some_and(|t| u32::from_le_bytes(t.try_into().unwrap()) == PT_INTERP)
     })
 }
 
@@ -109,7 +111,10 @@ pub fn ensure_host_tools() -> Result<()> {
     let sudo = match euid() {
         Some(0) => None,
         _ => Some(find_tool("sudo").with_context(|| {
-            format!("not root and no sudo: install as root: {}", missing.join(" "))
+            format!(
+                "not root and no sudo: install as root: {}",
+                missing.join(" ")
+            )
         })?),
     };
     let apt = |args: &[&str]| -> Result<()> {

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-use super::host::{is_dynamic_elf, require_tool};
+use super::host::{find_tool, is_dynamic_elf, require_tool};
 use super::kernels::Kernel;
 use super::VmOpts;
 
@@ -43,6 +43,9 @@ enum Need {
     IfPresent,
 }
 
+/// The guest's skeleton.
+const DIRS: &str = "bin sbin usr/bin usr/sbin etc proc sys dev tmp run root var mnt/share ctwatch";
+
 /// Tools copied in from the host, with their libraries.
 const HOST_TOOLS: [&str; 4] = ["nft", "ip", "bpftool", "conntrack"];
 
@@ -54,10 +57,7 @@ pub(crate) struct Image {
 
 pub(crate) fn build(kernel: &Kernel, opts: &VmOpts, nonce: &str, work: &Path) -> Result<Image> {
     let root = work.join("root");
-    for dir in [
-        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root",
-        "mnt/share", "ctwatch", "var",
-    ] {
+    for dir in DIRS.split_whitespace() {
         std::fs::create_dir_all(root.join(dir))?;
     }
     std::os::unix::fs::symlink("../run", root.join("var/run"))?;
@@ -68,6 +68,19 @@ pub(crate) fn build(kernel: &Kernel, opts: &VmOpts, nonce: &str, work: &Path) ->
         let path = require_tool(tool)?;
         copy_in(&path, &root, &path.to_string_lossy(), &mut libs)?;
     }
+    // Debian's busybox ash runs its own applets ahead of $PATH, so `ip`
+    // would be busybox's: /bin/sh is the host's dash (Essential on Debian).
+    if let Some(dash) = find_tool("dash") {
+        copy_in(&dash, &root, "/bin/sh", &mut libs)?;
+    }
+    // A shell with line editing for interactive sessions.
+    let login_shell = match find_tool("bash") {
+        Some(bash) if opts.command.is_none() => {
+            copy_in(&bash, &root, "/bin/bash", &mut libs)?;
+            "/bin/bash"
+        }
+        _ => "/bin/sh",
+    };
 
     let modules = ModuleTree::read(&kernel.modules_dir())?;
     let ninep = opts.share.is_some() && NINEP_MODULES.iter().all(|m| modules.has(m));
@@ -107,7 +120,8 @@ pub(crate) fn build(kernel: &Kernel, opts: &VmOpts, nonce: &str, work: &Path) ->
     write_etc(&root)?;
     let mut init = INIT
         .replace("@NONCE@", nonce)
-        .replace("@MODULES@", &load.join(" "));
+        .replace("@MODULES@", &load.join(" "))
+        .replace("@SHELL@", login_shell);
     init = init.replace(
         "@SHARE@",
         if ninep {
@@ -168,7 +182,7 @@ if [ -f /ctwatch/cmd ]; then
   sh -c "$(cat /ctwatch/cmd)" </dev/null
   rc=$?
 else
-  setsid cttyhack sh -l
+  setsid cttyhack @SHELL@ -l
   rc=$?
 fi
 echo
@@ -181,9 +195,17 @@ sleep 10
 
 fn write_etc(root: &Path) -> Result<()> {
     let etc = root.join("etc");
-    write_file(&etc.join("passwd"), "root:x:0:0:root:/root:/bin/sh\n", 0o644)?;
+    write_file(
+        &etc.join("passwd"),
+        "root:x:0:0:root:/root:/bin/sh\n",
+        0o644,
+    )?;
     write_file(&etc.join("group"), "root:x:0:\n", 0o644)?;
-    write_file(&etc.join("hosts"), "127.0.0.1 localhost\n::1 localhost\n", 0o644)?;
+    write_file(
+        &etc.join("hosts"),
+        "127.0.0.1 localhost\n::1 localhost\n",
+        0o644,
+    )?;
     write_file(
         &etc.join("profile"),
         "export PS1='ctwatch-vm:\\w# '\n",
@@ -214,7 +236,10 @@ fn install_busybox(root: &Path) -> Result<()> {
         .context("running busybox --list-full")?;
     for applet in String::from_utf8_lossy(&out.stdout).lines() {
         let applet = applet.trim().trim_start_matches('/');
-        if applet.is_empty() || applet == "linuxrc" || applet == "bin/busybox" {
+        let name = applet.rsplit('/').next().unwrap_or(applet);
+        // No applet that would shadow a real tool copied in (`ip`).
+        if applet.is_empty() || name == "linuxrc" || name == "busybox" || HOST_TOOLS.contains(&name)
+        {
             continue;
         }
         let link = root.join(applet);
@@ -373,10 +398,7 @@ impl ModuleTree {
             let deps = deps.split_whitespace().map(str::to_string).collect();
             dep.insert(module_name(path), (path.to_string(), deps));
         }
-        let builtin = read("modules.builtin")?
-            .lines()
-            .map(module_name)
-            .collect();
+        let builtin = read("modules.builtin")?.lines().map(module_name).collect();
         Ok(Self {
             dir: dir.to_path_buf(),
             dep,
@@ -431,7 +453,11 @@ impl ModuleTree {
                 }
             }
         }
-        for name in ["modules.builtin", "modules.builtin.modinfo", "modules.order"] {
+        for name in [
+            "modules.builtin",
+            "modules.builtin.modinfo",
+            "modules.order",
+        ] {
             if self.dir.join(name).is_file() {
                 std::fs::copy(self.dir.join(name), dest.join(name))?;
             }
@@ -481,7 +507,10 @@ mod tests {
             module_name("kernel/net/netfilter/nf_conntrack.ko.xz"),
             "nf_conntrack"
         );
-        assert_eq!(module_name("kernel/crypto/crc32c-cryptoapi.ko"), "crc32c_cryptoapi");
+        assert_eq!(
+            module_name("kernel/crypto/crc32c-cryptoapi.ko"),
+            "crc32c_cryptoapi"
+        );
         assert_eq!(module_name("kernel/fs/9p/9p.ko.zst"), "9p");
     }
 

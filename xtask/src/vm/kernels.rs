@@ -78,7 +78,10 @@ pub(crate) fn ensure_kernel(mm: &str) -> Result<Kernel> {
     require_tool("dpkg-deb")?;
     require_tool("depmod")?;
 
-    eprintln!("vm: kernel {mm}: reading package lists of {}", suites.join(" "));
+    eprintln!(
+        "vm: kernel {mm}: reading package lists of {}",
+        suites.join(" ")
+    );
     let apt = Apt::new(&super::cache_dir().join("apt").join(mm), suites)?;
     apt.update()?;
     let candidates = apt.candidates(mm)?;
@@ -106,6 +109,13 @@ pub(crate) fn ensure_kernel(mm: &str) -> Result<Kernel> {
         Kernel::load(mm, &dir).with_context(|| format!("{} is incomplete", dir.display()))
     });
     let _ = std::fs::remove_dir_all(&work);
+    if result.is_ok() {
+        // The package lists only serve a fetch, and every fetch updates them.
+        let _ = std::fs::remove_dir_all(&apt.dir);
+        if let Some(parent) = apt.dir.parent() {
+            let _ = std::fs::remove_dir(parent); // only if empty
+        }
+    }
     result
 }
 

@@ -1,0 +1,53 @@
+//! `early_drop`: the last chance for a new flow when the table is full.
+//!
+//! Prototype, unchanged 5.10 – 7.2 (static noinline in nf_conntrack_core.c):
+//! `static noinline int early_drop(struct net *net, unsigned int hash)`
+//! Returns 1 when it evicted an unassured entry (the new flow lives), 0
+//! when it found none: the table is full and the packet will be dropped.
+//! The evicted entry is freed inside this call; `nf_conntrack_free` sees
+//! the flag set here and reports it as an eviction.
+use aya_ebpf::{
+    macros::{fentry, fexit, kprobe, kretprobe},
+    programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
+};
+use conntrack_ebpf::stat;
+
+use crate::common::{bump, pid_tgid, slot_set, EARLY};
+
+fn enter() {
+    slot_set(&EARLY, 0, pid_tgid());
+}
+
+fn leave(ret: u64) {
+    slot_set(&EARLY, 0, 0);
+    if ret as u32 == 0 {
+        // Read by the __nf_conntrack_alloc exit that follows.
+        slot_set(&EARLY, 1, pid_tgid());
+    } else {
+        bump(stat::EVICTIONS);
+    }
+}
+
+#[kprobe]
+pub fn ctw_edrop_kp(_ctx: ProbeContext) -> u32 {
+    enter();
+    0
+}
+
+#[kretprobe]
+pub fn ctw_edrop_krp(ctx: RetProbeContext) -> u32 {
+    leave(ctx.ret::<u64>());
+    0
+}
+
+#[fentry(function = "early_drop")]
+pub fn ctw_edrop_fe(_ctx: FEntryContext) -> u32 {
+    enter();
+    0
+}
+
+#[fexit(function = "early_drop")]
+pub fn ctw_edrop_fx(ctx: FExitContext) -> u32 {
+    leave(ctx.arg::<u64>(2));
+    0
+}

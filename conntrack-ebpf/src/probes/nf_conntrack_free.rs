@@ -1,0 +1,63 @@
+//! `nf_conntrack_free`: an entry leaves the table for good.
+//!
+//! Prototype, unchanged 5.10 – 7.2: `void nf_conntrack_free(struct nf_conn *ct)`
+//! Entries created since attach are matched by pointer in `LIVE` (no read of
+//! `struct nf_conn`); older ones are read once to update the seeded counts.
+use aya_ebpf::{
+    macros::{fentry, kprobe},
+    programs::{FEntryContext, ProbeContext},
+};
+use conntrack_ebpf::{kind, role, stat, FlowEvent};
+
+use crate::common::{
+    aggregate, bump, conf, emit, key_of, net_inum, now_ns, occupy, pid_tgid, rd, read_ct_tuple,
+    scratch_event, slot_get, EARLY, LIVE,
+};
+
+#[kprobe]
+pub fn ctw_free_kp(ctx: ProbeContext) -> u32 {
+    let _ = on_free(ctx.arg::<u64>(0).unwrap_or(0));
+    0
+}
+
+#[fentry(function = "nf_conntrack_free")]
+pub fn ctw_free_fe(ctx: FEntryContext) -> u32 {
+    let _ = on_free(ctx.arg::<u64>(0));
+    0
+}
+
+fn on_free(ct: u64) -> Result<(), i32> {
+    if ct == 0 {
+        return Ok(());
+    }
+    bump(stat::FREED);
+    let evicted = slot_get(&EARLY, 0) == pid_tgid();
+    let ev: &mut FlowEvent = scratch_event().ok_or(-12)?;
+    match unsafe { LIVE.get(&ct) } {
+        Some(live) => {
+            *ev = *live;
+            let key = key_of(ev);
+            occupy(&key, -1);
+            let _ = LIVE.remove(&ct);
+        }
+        None if conf!(conn_tuple) == 0 => {
+            // No nf_conn layout (no module BTF): nothing safe to read.
+            ev.kind = kind::SEED_FREE;
+        }
+        None => {
+            read_ct_tuple(ct + conf!(conn_tuple) as u64, &mut ev.tuple)?;
+            let net: u64 = rd(ct, conf!(conn_net)).unwrap_or(0);
+            ev.netns = net_inum(net);
+            ev.role = role::UNKNOWN;
+            ev.kind = kind::SEED_FREE;
+            aggregate(ev);
+        }
+    }
+    if evicted {
+        ev.kind = kind::EVICT;
+        ev.ts_ns = now_ns();
+        aggregate(ev);
+        emit(ev);
+    }
+    Ok(())
+}

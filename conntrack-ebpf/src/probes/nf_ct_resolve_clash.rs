@@ -1,0 +1,63 @@
+//! `nf_ct_resolve_clash`: two packets of one new flow raced to insert; the
+//! loser is dropped and counted by the kernel as `insert_failed`.
+//!
+//! Prototype 5.7 – 7.2 (static):
+//! `static int nf_ct_resolve_clash(struct sk_buff *skb,
+//!      struct nf_conntrack_tuple_hash *h, u32 repl_idx)`
+//! Returns NF_ACCEPT when the clash was resolved, NF_DROP (0) when not.
+//! It may be inlined on some builds; the probe is optional.
+use aya_ebpf::{
+    macros::{fexit, kprobe, kretprobe},
+    programs::{FExitContext, ProbeContext, RetProbeContext},
+};
+use conntrack_ebpf::{kind, stat, FlowEvent};
+
+use crate::common::{
+    aggregate, bump, conf, emit, net_inum, now_ns, pid_tgid, rd, read_ct_tuple, scratch_event,
+    slot_get, slot_set, ARGS,
+};
+
+const NF_DROP: u64 = 0;
+/// Low bits of `skb->_nfct` hold ctinfo.
+const NFCT_PTRMASK: u64 = !7u64;
+
+#[kprobe]
+pub fn ctw_clash_kp(ctx: ProbeContext) -> u32 {
+    slot_set(&ARGS, 3, pid_tgid());
+    slot_set(&ARGS, 4, ctx.arg::<u64>(0).unwrap_or(0));
+    slot_set(&ARGS, 5, ctx.arg::<u64>(1).unwrap_or(0));
+    0
+}
+
+#[kretprobe]
+pub fn ctw_clash_krp(ctx: RetProbeContext) -> u32 {
+    if slot_get(&ARGS, 3) != pid_tgid() {
+        return 0;
+    }
+    slot_set(&ARGS, 3, 0);
+    let _ = on_clash(slot_get(&ARGS, 4), slot_get(&ARGS, 5), ctx.ret::<u64>());
+    0
+}
+
+#[fexit(function = "nf_ct_resolve_clash")]
+pub fn ctw_clash_fx(ctx: FExitContext) -> u32 {
+    let _ = on_clash(ctx.arg(0), ctx.arg(1), ctx.arg(3));
+    0
+}
+
+fn on_clash(skb: u64, h: u64, ret: u64) -> Result<(), i32> {
+    if ret as u32 as u64 != NF_DROP {
+        return Ok(());
+    }
+    bump(stat::CLASHES);
+    let ev: &mut FlowEvent = scratch_event().ok_or(-12)?;
+    ev.kind = kind::CLASH;
+    ev.ts_ns = now_ns();
+    read_ct_tuple(h + conf!(hash_tuple) as u64, &mut ev.tuple)?;
+    let loser: u64 = rd::<u64>(skb, conf!(skb_nfct)).unwrap_or(0) & NFCT_PTRMASK;
+    let net: u64 = rd(loser, conf!(conn_net)).unwrap_or(0);
+    ev.netns = net_inum(net);
+    aggregate(ev);
+    emit(ev);
+    Ok(())
+}

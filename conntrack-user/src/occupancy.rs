@@ -1,0 +1,194 @@
+//! Who holds the table's slots: entries from before attach (seeded from one
+//! ctnetlink dump per netns) plus the kernel's live per-key occupancy.
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
+
+use conntrack_ebpf::FlowTuple;
+
+use crate::{
+    ctnetlink::CtEntry,
+    event::{self, AggRecord, Kind, Role},
+};
+
+/// What an entry from before attach is counted under: the same parts of the
+/// original-direction tuple the kernel keys frees of such entries by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SeedKey {
+    pub netns: u32,
+    pub src: IpAddr,
+    pub proto: u8,
+    pub dport: u16,
+}
+
+impl SeedKey {
+    pub fn of_record(r: &AggRecord) -> Self {
+        SeedKey {
+            netns: r.netns,
+            src: r.src,
+            proto: r.proto,
+            dport: r.dport,
+        }
+    }
+}
+
+/// One flow's identity, to recognise an entry both dumped and created
+/// since attach.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FlowId {
+    pub netns: u32,
+    pub proto: u8,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+}
+
+impl FlowId {
+    pub fn of_tuple(netns: u32, t: &FlowTuple) -> Option<Self> {
+        Some(FlowId {
+            netns,
+            proto: t.proto,
+            src: event::addr(t.family, &t.saddr).ok()?,
+            sport: t.sport,
+            dst: event::addr(t.family, &t.daddr).ok()?,
+            dport: t.dport,
+        })
+    }
+
+    pub fn of_entry(netns: u32, e: &CtEntry) -> Self {
+        FlowId {
+            netns,
+            proto: e.proto,
+            src: e.src,
+            sport: e.sport,
+            dst: e.dst,
+            dport: e.dport,
+        }
+    }
+}
+
+/// Entries held before attach, minus those freed since.
+#[derive(Debug, Default, Clone)]
+pub struct Seed {
+    counts: HashMap<SeedKey, u64>,
+}
+
+impl Seed {
+    /// Builds the seed from per-netns dumps, leaving out entries the kernel
+    /// already tracks because they were created after attach.
+    pub fn from_dumps<'a>(
+        dumps: impl IntoIterator<Item = (u32, &'a [CtEntry])>,
+        created_since_attach: &HashSet<FlowId>,
+    ) -> Self {
+        let mut counts: HashMap<SeedKey, u64> = HashMap::new();
+        for (netns, entries) in dumps {
+            for e in entries {
+                if created_since_attach.contains(&FlowId::of_entry(netns, e)) {
+                    continue;
+                }
+                *counts
+                    .entry(SeedKey {
+                        netns,
+                        src: e.src,
+                        proto: e.proto,
+                        dport: e.dport,
+                    })
+                    .or_default() += 1;
+            }
+        }
+        Seed { counts }
+    }
+
+    /// Subtracts frees of pre-existing entries reported by the kernel.
+    pub fn apply_frees(&mut self, frees: impl IntoIterator<Item = (SeedKey, u64)>) {
+        for (k, n) in frees {
+            if let Some(c) = self.counts.get_mut(&k) {
+                *c = c.saturating_sub(n);
+            }
+        }
+        self.counts.retain(|_, c| *c > 0);
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.values().sum()
+    }
+
+    /// What remains, as records without hook context.
+    pub fn records(&self) -> impl Iterator<Item = (AggRecord, u64)> + '_ {
+        self.counts.iter().map(|(k, n)| {
+            (
+                AggRecord {
+                    kind: Kind::New,
+                    role: Role::Unknown,
+                    netns: k.netns,
+                    proto: k.proto,
+                    src: k.src,
+                    dport: k.dport,
+                    tgid: 0,
+                    comm: String::new(),
+                    cgroup_id: 0,
+                    sock_ino: 0,
+                },
+                *n,
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(src: &str, sport: u16, dport: u16) -> CtEntry {
+        CtEntry {
+            family: 4,
+            proto: 6,
+            src: src.parse().unwrap(),
+            dst: "198.18.0.1".parse().unwrap(),
+            sport,
+            dport,
+            reply_src: "198.18.0.1".parse().unwrap(),
+            reply_dst: src.parse().unwrap(),
+            reply_sport: dport,
+            reply_dport: sport,
+            tcp_state: Some("ESTABLISHED".into()),
+            status: 0,
+            assured: true,
+            timeout: Some(100),
+            zone: 0,
+        }
+    }
+
+    #[test]
+    fn seed_counts_by_source_and_port_and_skips_known_flows() {
+        let dump = vec![
+            entry("198.18.0.2", 40000, 7400),
+            entry("198.18.0.2", 40001, 7400),
+            entry("198.18.0.3", 40000, 80),
+        ];
+        let known = HashSet::from([FlowId::of_entry(7, &dump[2])]);
+        let seed = Seed::from_dumps([(7u32, dump.as_slice())], &known);
+        assert_eq!(seed.total(), 2);
+        let (rec, n) = seed.records().next().unwrap();
+        assert_eq!((rec.src.to_string(), rec.dport, n), ("198.18.0.2".into(), 7400, 2));
+        assert_eq!(rec.role, Role::Unknown);
+    }
+
+    #[test]
+    fn frees_bring_the_seed_down_and_never_below_zero() {
+        let dump = vec![entry("198.18.0.2", 1, 7400), entry("198.18.0.2", 2, 7400)];
+        let mut seed = Seed::from_dumps([(7u32, dump.as_slice())], &HashSet::new());
+        let key = SeedKey {
+            netns: 7,
+            src: "198.18.0.2".parse().unwrap(),
+            proto: 6,
+            dport: 7400,
+        };
+        seed.apply_frees([(key.clone(), 1)]);
+        assert_eq!(seed.total(), 1);
+        seed.apply_frees([(key, 5)]);
+        assert_eq!(seed.total(), 0);
+    }
+}
