@@ -153,37 +153,41 @@ fn occupancy_follows_holders_up_and_down() {
 #[test]
 fn evictions_name_the_evicted_flows() {
     require_kernel_probes!();
-    const M: usize = 32;
+    const M: usize = 768;
     const N: usize = 10;
-    // A tiny hash table, so early_drop's 8-bucket scan always finds an
-    // unassured entry to evict.
-    let _hash = ParamGuard::set("/sys/module/nf_conntrack/parameters/hashsize", "16");
+    // The smallest hash table (one page of buckets) with 1.5 entries per
+    // bucket, so early_drop's 8-bucket scan finds an unassured entry to
+    // evict (misses all 8 with probability e^-12).
+    let _hash = ParamGuard::set("/sys/module/nf_conntrack/parameters/hashsize", "512");
     let lab = Lab::new("evict", false);
-    let _max = MaxGuard::set(M as u64);
-    // M unreplied (so unassured, evictable) UDP entries to port 5000.
+    // About M unreplied (so unassured, evictable) UDP entries to port 5000;
+    // a few datagrams may die in the veth backlog, so the table is declared
+    // full at whatever count they reached.
     lab.cli.peer_run(&["udp-send", "198.18.0.1:5000", &M.to_string()]);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while lab.srv.count() < M as u64 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    let mut held = 0;
+    while lab.srv.count() != held {
+        held = lab.srv.count();
+        std::thread::sleep(Duration::from_millis(500));
     }
-    assert_eq!(lab.srv.count(), M as u64);
+    assert!(held > (M as u64) * 9 / 10, "only {held} of {M} entries");
+    let _max = MaxGuard::set(held);
     let early_before = early_drops(&lab.srv);
     let w = report(&lab.srv);
     lab.cli.peer_run(&["udp-send", "198.18.0.1:6000", &N.to_string()]);
     settle();
     let r = w.report();
     let kernel_evictions = early_drops(&lab.srv) - early_before;
-    assert_eq!(kernel_evictions, N as u64, "kernel early_drop counter");
-    assert_eq!(r["evictions"], N as u64, "{r}");
+    assert!(kernel_evictions >= N as u64, "kernel early_drop counter: {kernel_evictions}");
+    assert_eq!(r["evictions"], kernel_evictions, "{r}");
     assert_eq!(r["drops"]["total"], 0, "every new flow found room: {r}");
     let ev = &r["evicted"];
-    assert_eq!(ev["total"], N as u64, "{r}");
+    assert_eq!(ev["total"], kernel_evictions, "{r}");
     for i in ev["by_dst_port"].as_array().unwrap() {
         let k = i["key"].as_str().unwrap();
         assert!(k == "udp/5000" || k == "udp/6000", "unexpected evicted key {k}: {r}");
     }
     assert_eq!(ev["by_src_ip"][0]["key"], "198.18.0.2", "{r}");
-    assert_eq!(row_count(&r, &lab.srv), M as u64);
+    assert_eq!(row_count(&r, &lab.srv), held);
 }
 
 fn early_drops(ns: &Netns) -> u64 {

@@ -176,17 +176,17 @@ fn test_binaries() -> Result<Vec<(String, PathBuf)>> {
     let mut bins = Vec::new();
     for line in out.lines() {
         // Plain string matching keeps xtask free of a JSON dependency.
-        if !line.contains("\"reason\":\"compiler-artifact\"") || !line.contains("\"test\"") {
+        if !line.contains("\"reason\":\"compiler-artifact\"") || !line.contains("\"kind\":[\"test\"]") {
             continue;
         }
-        let field = |name: &str| -> Option<String> {
-            let start = line.find(&format!("\"{name}\":\""))? + name.len() + 4;
+        let field = |from: usize, name: &str| -> Option<String> {
+            let key = format!("\"{name}\":\"");
+            let start = line[from..].find(&key)? + from + key.len();
             let end = line[start..].find('"')? + start;
             Some(line[start..end].to_string())
         };
-        if let (Some(exe), Some(target)) = (field("executable"), line.find("\"target\":{\"name\":\"")) {
-            let rest = &line[target + 18..];
-            let name = rest[..rest.find('"').unwrap_or(0)].to_string();
+        let target = line.find("\"target\":").unwrap_or(0);
+        if let (Some(name), Some(exe)) = (field(target, "name"), field(0, "executable")) {
             if name == "host" || name == "kernel_probes" {
                 bins.push((name, PathBuf::from(exe)));
             }
@@ -266,6 +266,7 @@ fn integration_vm(kernels: &[String]) -> Result<()> {
             let mode = r
                 .output
                 .lines()
+                .filter(|l| l.contains(" mode on kernel "))
                 .find_map(|l| l.split("ctwatch: ").nth(1)?.split(" mode on kernel").next().map(str::to_string))
                 .unwrap_or_else(|| "-".into());
             let why = if r.timed_out {

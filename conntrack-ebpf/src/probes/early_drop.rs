@@ -2,7 +2,7 @@
 //!
 //! Prototype, unchanged 5.10 – 7.2 (static noinline in nf_conntrack_core.c):
 //! `static noinline int early_drop(struct net *net, unsigned int hash)`
-//! Returns 1 when it evicted an unassured entry (the new flow lives), 0
+//! Returns 1 when it evicted unassured entries (a whole bucket's worth) (the new flow lives), 0
 //! when it found none: the table is full and the packet will be dropped.
 //! The evicted entry is freed inside this call; `nf_conntrack_free` sees
 //! the flag set here and reports it as an eviction.
@@ -10,9 +10,7 @@ use aya_ebpf::{
     macros::{fentry, fexit, kprobe, kretprobe},
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
-use conntrack_ebpf::stat;
-
-use crate::common::{bump, pid_tgid, slot_set, EARLY};
+use crate::common::{pid_tgid, slot_set, EARLY};
 
 fn enter() {
     slot_set(&EARLY, 0, pid_tgid());
@@ -23,9 +21,10 @@ fn leave(ret: u64) {
     if ret as u32 == 0 {
         // Read by the __nf_conntrack_alloc exit that follows.
         slot_set(&EARLY, 1, pid_tgid());
-    } else {
-        bump(stat::EVICTIONS);
     }
+    // Evictions are counted per freed entry in nf_conntrack_free: one call
+    // may empty a whole bucket, and the kernel's early_drop stat counts
+    // entries, not calls.
 }
 
 #[kprobe]

@@ -54,6 +54,7 @@ fn on_free(ct: u64) -> Result<(), i32> {
         }
     }
     if evicted {
+        bump(stat::EVICTIONS);
         ev.kind = kind::EVICT;
         ev.ts_ns = now_ns();
         aggregate(ev);
