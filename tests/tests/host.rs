@@ -276,4 +276,3 @@ fn errors_are_one_line_and_non_zero() {
     assert!(err.contains("needs root"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
-}
