@@ -187,7 +187,9 @@ fn evictions_name_the_evicted_flows() {
         assert!(k == "udp/5000" || k == "udp/6000", "unexpected evicted key {k}: {r}");
     }
     assert_eq!(ev["by_src_ip"][0]["key"], "198.18.0.2", "{r}");
-    assert_eq!(row_count(&r, &lab.srv), held);
+    // One early_drop can empty a whole bucket, so the count may end below
+    // `held`; what ctwatch says is held must match the kernel's count.
+    assert_eq!(r["occupancy"]["total"].as_u64().unwrap(), row_count(&r, &lab.srv), "{r}");
 }
 
 fn early_drops(ns: &Netns) -> u64 {

@@ -246,7 +246,10 @@ fn integration_vm(kernels: &[String]) -> Result<()> {
         files,
         share: None,
         command: Some(
-            "/bin/ctw-kernel_probes --test-threads=1 && /bin/ctw-host --test-threads=1".into(),
+            // The first line names the mode auto picks (ctwatch's banner).
+            "/bin/ctwatch report --duration 0.2 >/dev/null && \
+             /bin/ctw-kernel_probes --test-threads=1 && /bin/ctw-host --test-threads=1"
+                .into(),
         ),
         env: vec![
             ("CTWATCH_BIN".into(), "/bin/ctwatch".into()),
