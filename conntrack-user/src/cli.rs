@@ -51,6 +51,26 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         max_lines: u64,
     },
+    /// Stream every conntrack event the kernel probes see: new entries,
+    /// evictions, clashes and table-full drops (fentry/kprobe modes).
+    Events {
+        /// JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live view of fill, culprits and victims per namespace (q quits).
+    Top(TopArgs),
+    /// One-shot view of the table from ctnetlink: settings, counts by
+    /// protocol and state, top sources and ports, per namespace.
+    Snapshot {
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ranked findings with evidence and the exact commands that fix them.
+    Doctor(DoctorArgs),
+    /// Prometheus exporter of fill, drops and top culprits/victims.
+    Serve(ServeArgs),
     /// Watch for a window, then print one report (also on Ctrl-C / SIGTERM).
     Report {
         /// Length of the window in seconds.
@@ -60,6 +80,36 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+pub struct TopArgs {
+    /// Screen refresh interval in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    pub interval: f64,
+    /// In tracepoint mode, how often occupancy is re-read from ctnetlink (seconds).
+    #[arg(long, default_value_t = 5.0)]
+    pub dump_interval: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+pub struct DoctorArgs {
+    /// One JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to watch the kernel before judging (0: settings and counters only).
+    #[arg(long, default_value_t = 5.0)]
+    pub watch: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on; loopback unless told otherwise.
+    #[arg(long, default_value = "127.0.0.1:9465")]
+    pub listen: std::net::SocketAddr,
+    /// How often the series are refreshed from the kernel (seconds).
+    #[arg(long, default_value_t = 5.0)]
+    pub interval: f64,
 }
 
 /// A validated run configuration.
@@ -75,6 +125,11 @@ pub struct Settings {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     Drops { json: bool, max_lines: u64 },
+    Events { json: bool },
+    Top(TopArgs),
+    Snapshot { json: bool },
+    Doctor(DoctorArgs),
+    Serve(ServeArgs),
     Report { duration: Duration, json: bool },
 }
 
@@ -84,6 +139,8 @@ pub enum CliError {
     Duration(f64),
     #[error("--top must be at least 1")]
     Top,
+    #[error("{0} must be a positive number of seconds, got {1}")]
+    Positive(&'static str, f64),
 }
 
 impl Settings {
@@ -104,8 +161,32 @@ impl Settings {
         if c.top == 0 {
             return Err(CliError::Top);
         }
+        let positive = |name: &'static str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(CliError::Positive(name, v))
+            }
+        };
         let command = match c.command {
             Cmd::Drops { json, max_lines } => Command::Drops { json, max_lines },
+            Cmd::Events { json } => Command::Events { json },
+            Cmd::Top(t) => {
+                positive("--interval", t.interval)?;
+                positive("--dump-interval", t.dump_interval)?;
+                Command::Top(t)
+            }
+            Cmd::Snapshot { json } => Command::Snapshot { json },
+            Cmd::Doctor(d) => {
+                if !(d.watch.is_finite() && d.watch >= 0.0) {
+                    return Err(CliError::Positive("--watch", d.watch));
+                }
+                Command::Doctor(d)
+            }
+            Cmd::Serve(sv) => {
+                positive("--interval", sv.interval)?;
+                Command::Serve(sv)
+            }
             Cmd::Report { duration, json } => {
                 if !(duration.is_finite() && duration > 0.0) {
                     return Err(CliError::Duration(duration));

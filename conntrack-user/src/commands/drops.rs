@@ -1,5 +1,6 @@
 //! `ctwatch drops`: stream table-full drops live; one summary per second
-//! when there are too many to read.
+//! when there are too many to read. `ctwatch events` is the same stream
+//! with every kind of event (new entries, evictions, clashes) included.
 use std::time::{Duration, SystemTime};
 
 use conntrack_ebpf::stat;
@@ -13,11 +14,26 @@ use crate::{
     watch::Watch,
 };
 
-pub async fn run(settings: &Settings, as_json: bool, max_lines: u64) -> Result<(), Error> {
+pub async fn run(
+    settings: &Settings,
+    as_json: bool,
+    max_lines: u64,
+    all_kinds: bool,
+) -> Result<(), Error> {
     let stop = super::stop_requested()?;
     tokio::pin!(stop);
-    let mut w = Watch::start(settings, false)?;
-    eprintln!("{}; streaming table-full drops (Ctrl-C to stop)", w.banner());
+    let mut w = Watch::start(settings, all_kinds)?;
+    if all_kinds && !w.loaded.mode.sees_entries() {
+        return Err(Error::NeedsKernelProbes {
+            what: "events",
+            release: w.loaded.release.clone(),
+        });
+    }
+    eprintln!(
+        "{}; streaming {} (Ctrl-C to stop)",
+        w.banner(),
+        if all_kinds { "conntrack events" } else { "table-full drops" }
+    );
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_stats = w.source.stats()?;
     let mut second = BreakdownBuilder::new(1024);
@@ -62,7 +78,7 @@ pub async fn run(settings: &Settings, as_json: bool, max_lines: u64) -> Result<(
                 r?;
                 for ev in batch.drain(..) {
                     let Some((rec, owner)) = w.observe(&ev) else { continue };
-                    if rec.kind != Kind::Drop || !w.scope.contains(rec.netns) {
+                    if (!all_kinds && rec.kind != Kind::Drop) || !w.scope.contains(rec.netns) {
                         continue;
                     }
                     let agg = AggRecord {
@@ -77,15 +93,17 @@ pub async fn run(settings: &Settings, as_json: bool, max_lines: u64) -> Result<(
                         cgroup_id: ev.cgroup_id,
                         sock_ino: ev.sock_ino,
                     };
-                    let dims = w.dims(&agg);
-                    second.add(dims, 1);
+                    if rec.kind == Kind::Drop {
+                        let dims = w.dims(&agg);
+                        second.add(dims, 1);
+                    }
                     if rate.tick(epoch) > max_lines {
                         continue;
                     }
                     shown += 1;
                     let name = w.netns_name(rec.netns);
                     if as_json {
-                        let l = json::DropLine { kind: "drop", flow: &rec, netns_name: name, process: (&owner).into() };
+                        let l = json::DropLine { kind: kind_name(rec.kind), flow: &rec, netns_name: name, process: (&owner).into() };
                         println!("{}", json::line(&l));
                     } else {
                         println!("{}", text::drop_line(&rec, name.as_deref(), &owner));
@@ -95,4 +113,14 @@ pub async fn run(settings: &Settings, as_json: bool, max_lines: u64) -> Result<(
         }
     }
     Ok(())
+}
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::Drop => "drop",
+        Kind::Evict => "evict",
+        Kind::Clash => "clash",
+        Kind::New => "new",
+        Kind::SeedFree => "seed_free",
+    }
 }

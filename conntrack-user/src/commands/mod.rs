@@ -1,7 +1,11 @@
 //! One module per subcommand: each wires the pipeline (loader → source →
 //! attribution → aggregation → view) for its job.
+pub mod doctor;
 pub mod drops;
 pub mod report;
+pub mod serve;
+pub mod snapshot;
+pub mod top;
 
 /// Installs the Ctrl-C and SIGTERM handlers now (before ctwatch announces
 /// itself, so an early signal cannot kill it with programs attached) and

@@ -48,8 +48,15 @@ pub fn drop_line(r: &FlowRecord, netns_name: Option<&str>, owner: &RowKey) -> St
         Role::Local if r.ifindex_out != 0 => format!(" out if{}", r.ifindex_out),
         _ => String::new(),
     };
+    let what = match r.kind {
+        crate::event::Kind::Drop => "table-full drop",
+        crate::event::Kind::Evict => "evicted",
+        crate::event::Kind::Clash => "insert clash",
+        crate::event::Kind::New => "new entry",
+        crate::event::Kind::SeedFree => "freed",
+    };
     format!(
-        "{} table-full drop {} {} -> {} netns {ns}{dir} {}",
+        "{} {what} {} {} -> {} netns {ns}{dir} {}",
         clock(std::time::SystemTime::now()),
         t.proto,
         endpoint(&t.src, t.sport),
