@@ -234,14 +234,20 @@ mod tests {
         t.add(RowKey::plain("a"), 5);
         t.add(RowKey::plain("c"), 9);
         let keys: Vec<_> = t.top(10).into_iter().map(|i| (i.key, i.count)).collect();
-        assert_eq!(keys, vec![("c".into(), 9), ("a".into(), 5), ("b".into(), 5)]);
+        assert_eq!(
+            keys,
+            vec![("c".into(), 9), ("a".into(), 5), ("b".into(), 5)]
+        );
     }
 
     #[test]
     fn key_budget_bounds_memory_and_keeps_totals_exact() {
         let mut t = TopK::new(100);
         for i in 0..1_000_000u32 {
-            t.add(RowKey::plain(format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255)), 1);
+            t.add(
+                RowKey::plain(format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255)),
+                1,
+            );
         }
         assert_eq!(t.distinct(), 100, "a million sources must not grow the map");
         assert_eq!(t.total(), 1_000_000);

@@ -577,9 +577,7 @@ pub fn resolve_layout(btf: &KernelBtf) -> Result<Config, BtfError> {
         conn_tuple: off("nf_conn.tuplehash")
             .and_then(|a| Ok(a + off("nf_conntrack_tuple_hash.tuple")?))
             .unwrap_or(0),
-        conn_net: off("nf_conn.ct_net")
-            .map(|a| a + net_ptr)
-            .unwrap_or(0),
+        conn_net: off("nf_conn.ct_net").map(|a| a + net_ptr).unwrap_or(0),
         hash_tuple: off("nf_conntrack_tuple_hash.tuple").unwrap_or(0),
         _pad: 0,
     })

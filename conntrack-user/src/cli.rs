@@ -238,7 +238,14 @@ mod tests {
     #[test]
     fn global_flags_after_the_subcommand() {
         let s = Settings::try_from_iter([
-            "ctwatch", "drops", "--mode", "tracepoint", "--netns", "edge", "--netns", "4026531840",
+            "ctwatch",
+            "drops",
+            "--mode",
+            "tracepoint",
+            "--netns",
+            "edge",
+            "--netns",
+            "4026531840",
         ])
         .unwrap()
         .unwrap();

@@ -104,24 +104,143 @@ use Mode::*;
 /// each program's file under conntrack-ebpf/src/probes/.
 pub const PROBES: &[ProbeSpec] = &[
     // Entry programs come before their exits so no exit fires unpaired.
-    spec("ctw_in_fe", Fentry, FEntry("nf_conntrack_in"), (5, 5), true, "hook context (direction, devices, sender)"),
-    spec("ctw_edrop_fe", Fentry, FEntry("early_drop"), (5, 5), true, "evictions"),
-    spec("ctw_edrop_fx", Fentry, FExit("early_drop"), (5, 5), true, "table-full decision"),
-    spec("ctw_alloc_fx", Fentry, FExit("__nf_conntrack_alloc"), (5, 5), true, "entry creation and table-full drops"),
-    spec("ctw_free_fe", Fentry, FEntry("nf_conntrack_free"), (5, 5), true, "entry free (occupancy)"),
-    spec("ctw_clash_fx", Fentry, FExit("nf_ct_resolve_clash"), (5, 7), false, "insert clashes"),
-    spec("ctw_confirm_fx", Fentry, FExit("__nf_conntrack_confirm"), (5, 5), false, "inserts"),
-    spec("ctw_in_kp", Kprobe, KProbe("nf_conntrack_in"), (4, 19), true, "hook context (direction, devices, sender)"),
-    spec("ctw_edrop_kp", Kprobe, KProbe("early_drop"), (4, 19), true, "evictions"),
-    spec("ctw_edrop_krp", Kprobe, KRetProbe("early_drop"), (4, 19), true, "table-full decision"),
-    spec("ctw_alloc_kp", Kprobe, KProbe("__nf_conntrack_alloc"), (4, 19), true, "entry creation arguments"),
-    spec("ctw_alloc_krp", Kprobe, KRetProbe("__nf_conntrack_alloc"), (4, 19), true, "entry creation and table-full drops"),
-    spec("ctw_free_kp", Kprobe, KProbe("nf_conntrack_free"), (4, 19), true, "entry free (occupancy)"),
-    spec("ctw_clash_kp", Kprobe, KProbe("nf_ct_resolve_clash"), (5, 7), false, "insert clash arguments"),
-    spec("ctw_clash_krp", Kprobe, KRetProbe("nf_ct_resolve_clash"), (5, 7), false, "insert clashes"),
-    spec("ctw_confirm_krp", Kprobe, KRetProbe("__nf_conntrack_confirm"), (4, 19), false, "inserts"),
+    spec(
+        "ctw_in_fe",
+        Fentry,
+        FEntry("nf_conntrack_in"),
+        (5, 5),
+        true,
+        "hook context (direction, devices, sender)",
+    ),
+    spec(
+        "ctw_edrop_fe",
+        Fentry,
+        FEntry("early_drop"),
+        (5, 5),
+        true,
+        "evictions",
+    ),
+    spec(
+        "ctw_edrop_fx",
+        Fentry,
+        FExit("early_drop"),
+        (5, 5),
+        true,
+        "table-full decision",
+    ),
+    spec(
+        "ctw_alloc_fx",
+        Fentry,
+        FExit("__nf_conntrack_alloc"),
+        (5, 5),
+        true,
+        "entry creation and table-full drops",
+    ),
+    spec(
+        "ctw_free_fe",
+        Fentry,
+        FEntry("nf_conntrack_free"),
+        (5, 5),
+        true,
+        "entry free (occupancy)",
+    ),
+    spec(
+        "ctw_clash_fx",
+        Fentry,
+        FExit("nf_ct_resolve_clash"),
+        (5, 7),
+        false,
+        "insert clashes",
+    ),
+    spec(
+        "ctw_confirm_fx",
+        Fentry,
+        FExit("__nf_conntrack_confirm"),
+        (5, 5),
+        false,
+        "inserts",
+    ),
+    spec(
+        "ctw_in_kp",
+        Kprobe,
+        KProbe("nf_conntrack_in"),
+        (4, 19),
+        true,
+        "hook context (direction, devices, sender)",
+    ),
+    spec(
+        "ctw_edrop_kp",
+        Kprobe,
+        KProbe("early_drop"),
+        (4, 19),
+        true,
+        "evictions",
+    ),
+    spec(
+        "ctw_edrop_krp",
+        Kprobe,
+        KRetProbe("early_drop"),
+        (4, 19),
+        true,
+        "table-full decision",
+    ),
+    spec(
+        "ctw_alloc_kp",
+        Kprobe,
+        KProbe("__nf_conntrack_alloc"),
+        (4, 19),
+        true,
+        "entry creation arguments",
+    ),
+    spec(
+        "ctw_alloc_krp",
+        Kprobe,
+        KRetProbe("__nf_conntrack_alloc"),
+        (4, 19),
+        true,
+        "entry creation and table-full drops",
+    ),
+    spec(
+        "ctw_free_kp",
+        Kprobe,
+        KProbe("nf_conntrack_free"),
+        (4, 19),
+        true,
+        "entry free (occupancy)",
+    ),
+    spec(
+        "ctw_clash_kp",
+        Kprobe,
+        KProbe("nf_ct_resolve_clash"),
+        (5, 7),
+        false,
+        "insert clash arguments",
+    ),
+    spec(
+        "ctw_clash_krp",
+        Kprobe,
+        KRetProbe("nf_ct_resolve_clash"),
+        (5, 7),
+        false,
+        "insert clashes",
+    ),
+    spec(
+        "ctw_confirm_krp",
+        Kprobe,
+        KRetProbe("__nf_conntrack_confirm"),
+        (4, 19),
+        false,
+        "inserts",
+    ),
     // The drop reason argument appeared in 5.17.
-    spec("ctw_kfree_skb", Tracepoint, RawTracepoint("kfree_skb"), (5, 17), true, "table-full drops (NETFILTER_DROP with no conntrack entry)"),
+    spec(
+        "ctw_kfree_skb",
+        Tracepoint,
+        RawTracepoint("kfree_skb"),
+        (5, 17),
+        true,
+        "table-full drops (NETFILTER_DROP with no conntrack entry)",
+    ),
 ];
 
 pub fn probes_for(mode: Mode) -> impl Iterator<Item = &'static ProbeSpec> {
@@ -143,7 +262,10 @@ mod tests {
     #[test]
     fn every_mode_has_a_required_probe() {
         for m in AUTO_ORDER {
-            assert!(probes_for(*m).any(|p| p.required), "{m} has no required probe");
+            assert!(
+                probes_for(*m).any(|p| p.required),
+                "{m} has no required probe"
+            );
         }
     }
 

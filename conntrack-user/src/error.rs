@@ -4,8 +4,10 @@
 pub enum Error {
     #[error(transparent)]
     Cli(#[from] crate::cli::CliError),
+    /// Boxed: load errors carry kernel detail strings, and every other
+    /// variant should not pay for their size.
     #[error(transparent)]
-    Load(#[from] crate::loader::LoadError),
+    Load(Box<crate::loader::LoadError>),
     #[error(transparent)]
     Source(#[from] crate::source::SourceError),
     #[error(transparent)]
@@ -20,4 +22,10 @@ pub enum Error {
     NeedsKernelProbes { what: &'static str, release: String },
     #[error("`ctwatch {0}` is not available in this build")]
     Unimplemented(&'static str),
+}
+
+impl From<crate::loader::LoadError> for Error {
+    fn from(e: crate::loader::LoadError) -> Self {
+        Error::Load(Box::new(e))
+    }
 }

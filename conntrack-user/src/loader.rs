@@ -31,7 +31,9 @@ pub enum LoadError {
     NoRingBuf(String),
     #[error("loading the eBPF object failed on kernel {release}: {detail}")]
     Load { release: String, detail: String },
-    #[error("{mode} mode: {program} ({purpose}) failed to {stage} on kernel {release}: {detail}{hint}")]
+    #[error(
+        "{mode} mode: {program} ({purpose}) failed to {stage} on kernel {release}: {detail}{hint}"
+    )]
     Probe {
         mode: Mode,
         program: &'static str,
@@ -180,7 +182,9 @@ fn unavailable(mode: Mode, kbtf: &KernelBtf) -> Option<String> {
             }
             None
         }
-        Mode::Tracepoint => btf::netfilter_drop_reason(kbtf).err().map(|e| e.to_string()),
+        Mode::Tracepoint => btf::netfilter_drop_reason(kbtf)
+            .err()
+            .map(|e| e.to_string()),
     }
 }
 
@@ -244,9 +248,7 @@ fn load_mode(
 fn classify_load_error(e: aya::EbpfError, release: &str) -> LoadError {
     let detail = chain(&e);
     if let aya::EbpfError::MapError(aya::maps::MapError::CreateError { name, .. }) = &e {
-        if name == "EVENTS"
-            && compat::parse_release(release).is_some_and(|v| v < (5, 8))
-        {
+        if name == "EVENTS" && compat::parse_release(release).is_some_and(|v| v < (5, 8)) {
             return LoadError::NoRingBuf(release.to_string());
         }
     }

@@ -34,13 +34,17 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match settings.command.clone() {
-            Command::Drops { json, max_lines } => commands::drops::run(&settings, json, max_lines, false).await,
+            Command::Drops { json, max_lines } => {
+                commands::drops::run(&settings, json, max_lines, false).await
+            }
             Command::Events { json } => commands::drops::run(&settings, json, u64::MAX, true).await,
             Command::Top(a) => commands::top::run(&settings, &a).await,
             Command::Snapshot { json } => commands::snapshot::run(&settings, json).await,
             Command::Doctor(a) => commands::doctor::run(&settings, &a).await,
             Command::Serve(a) => commands::serve::run(&settings, &a).await,
-            Command::Report { duration, json } => commands::report::run(&settings, duration, json).await,
+            Command::Report { duration, json } => {
+                commands::report::run(&settings, duration, json).await
+            }
         }
     });
     match result {

@@ -172,7 +172,10 @@ mod tests {
         let seed = Seed::from_dumps([(7u32, dump.as_slice())], &known);
         assert_eq!(seed.total(), 2);
         let (rec, n) = seed.records().next().unwrap();
-        assert_eq!((rec.src.to_string(), rec.dport, n), ("198.18.0.2".into(), 7400, 2));
+        assert_eq!(
+            (rec.src.to_string(), rec.dport, n),
+            ("198.18.0.2".into(), 7400, 2)
+        );
         assert_eq!(rec.role, Role::Unknown);
     }
 

@@ -91,7 +91,9 @@ pub fn rows(
             Some(f(&b.0).saturating_sub(f(&a.0)))
         };
         let drops_kernel = delta(|c| c.drop);
-        let sysctl = e.and_then(|x| x.sysctl.as_ref()).or(s.and_then(|x| x.sysctl.as_ref()));
+        let sysctl = e
+            .and_then(|x| x.sysctl.as_ref())
+            .or(s.and_then(|x| x.sysctl.as_ref()));
         let row = NetnsRow {
             inum,
             name: s.or(e).and_then(|x| x.info.name.clone()),
@@ -117,7 +119,9 @@ pub fn rows(
             notes.push(note);
         }
         if s.is_some() && e.is_none() {
-            notes.push(format!("netns {inum}: vanished during the window; its counters end early"));
+            notes.push(format!(
+                "netns {inum}: vanished during the window; its counters end early"
+            ));
         } else if let Some(err) = e.and_then(|x| x.error.as_ref()) {
             notes.push(format!("netns {inum}: {err}"));
         }

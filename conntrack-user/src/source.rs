@@ -106,10 +106,13 @@ impl KernelSource {
     pub fn stats(&self) -> Result<KernelStats, SourceError> {
         let mut out = [0u64; stat::COUNT as usize];
         for (i, o) in out.iter_mut().enumerate() {
-            let v = self.stats.get(&(i as u32), 0).map_err(|e| SourceError::Map {
-                name: "STATS",
-                detail: e.to_string(),
-            })?;
+            let v = self
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(|e| SourceError::Map {
+                    name: "STATS",
+                    detail: e.to_string(),
+                })?;
             *o = v.iter().sum();
         }
         Ok(KernelStats(out))

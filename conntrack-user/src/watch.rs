@@ -59,11 +59,23 @@ impl Scope {
 /// the listener of (netns, proto, port); local ones to the sending socket.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum OwnerKey {
-    Listener { netns: u32, proto: u8, port: u16 },
-    Sender { sock_ino: u64, tgid: u32, comm: String },
+    Listener {
+        netns: u32,
+        proto: u8,
+        port: u16,
+    },
+    Sender {
+        sock_ino: u64,
+        tgid: u32,
+        comm: String,
+    },
     /// No hook context (entries from before attach, or made by ctnetlink):
     /// the listener of the port if there is one, else nobody.
-    Unknown { netns: u32, proto: u8, port: u16 },
+    Unknown {
+        netns: u32,
+        proto: u8,
+        port: u16,
+    },
 }
 
 pub struct Watch {

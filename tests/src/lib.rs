@@ -38,7 +38,9 @@ pub fn cannot_run() -> Option<String> {
             .output()
             .is_ok_and(|o| o.status.success());
         if !found {
-            return Some(format!("`{tool}` is not installed (cargo xtask setup installs it)"));
+            return Some(format!(
+                "`{tool}` is not installed (cargo xtask setup installs it)"
+            ));
         }
     }
     if std::env::var_os("CTWATCH_BIN").is_none() {
@@ -104,7 +106,9 @@ impl Netns {
 
     pub fn inum(&self) -> u64 {
         let path = format!("/run/netns/{}", self.name);
-        std::fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).expect("netns inode")
+        std::fs::metadata(path)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .expect("netns inode")
     }
 
     /// Writes a per-netns sysctl (busybox in the VMs has no `sysctl -q`).
@@ -116,7 +120,10 @@ impl Netns {
     /// Conntrack only runs in a netns whose ruleset uses it.
     pub fn enable_conntrack(&self) {
         self.exec(&["nft", "add", "table", "inet", "ctw"]);
-        self.exec(&["nft", "add chain inet ctw pre { type filter hook prerouting priority 0; }"]);
+        self.exec(&[
+            "nft",
+            "add chain inet ctw pre { type filter hook prerouting priority 0; }",
+        ]);
         self.exec(&["nft", "add rule inet ctw pre ct state new counter"]);
     }
 
@@ -129,7 +136,10 @@ impl Netns {
         let text = self.exec(&["cat", "/proc/net/stat/nf_conntrack"]);
         let mut lines = text.lines();
         let header: Vec<&str> = lines.next().expect("header").split_whitespace().collect();
-        let col = header.iter().position(|h| *h == "drop").expect("drop column");
+        let col = header
+            .iter()
+            .position(|h| *h == "drop")
+            .expect("drop column");
         lines
             .map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
@@ -181,7 +191,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -213,8 +225,14 @@ impl Lab {
         // veth names are limited to 15 bytes.
         let a = a[a.len().saturating_sub(15)..].to_string();
         let b = b[b.len().saturating_sub(15)..].to_string();
-        sh(&["ip", "link", "add", &a, "netns", &srv.name, "type", "veth", "peer", "name", &b, "netns", &cli.name]);
-        for (ns, dev, v4, v6) in [(&srv, &a, "198.18.0.1/24", "2001:2::1/64"), (&cli, &b, "198.18.0.2/24", "2001:2::2/64")] {
+        sh(&[
+            "ip", "link", "add", &a, "netns", &srv.name, "type", "veth", "peer", "name", &b,
+            "netns", &cli.name,
+        ]);
+        for (ns, dev, v4, v6) in [
+            (&srv, &a, "198.18.0.1/24", "2001:2::1/64"),
+            (&cli, &b, "198.18.0.2/24", "2001:2::2/64"),
+        ] {
             if ipv6 {
                 ns.sysctl("net.ipv6.conf.all.disable_ipv6", "0");
                 ns.exec(&["ip", "addr", "add", v6, "dev", dev, "nodad"]);
@@ -259,7 +277,9 @@ impl MaxGuard {
     pub fn set(max: u64) -> Self {
         let old = std::fs::read_to_string(MAX_PATH).expect("read nf_conntrack_max");
         std::fs::write(MAX_PATH, max.to_string()).expect("write nf_conntrack_max");
-        MaxGuard { old: old.trim().to_string() }
+        MaxGuard {
+            old: old.trim().to_string(),
+        }
     }
 }
 
@@ -296,7 +316,11 @@ impl Ctwatch {
                 }
             }
         });
-        let mut w = Ctwatch { child: Some(child), stderr: rx, banner: String::new() };
+        let mut w = Ctwatch {
+            child: Some(child),
+            stderr: rx,
+            banner: String::new(),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -324,7 +348,12 @@ impl Ctwatch {
         let mut child = self.child.take().unwrap();
         unsafe { libc::kill(child.id() as i32, signal) };
         let mut out = String::new();
-        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
         let status = child.wait().unwrap();
         (status.code().unwrap_or(-1), out)
     }
@@ -348,7 +377,10 @@ impl Drop for Ctwatch {
 
 /// Runs ctwatch to completion with the given arguments: (code, stdout, stderr).
 pub fn ctwatch_once(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(ctwatch_bin()).args(args).output().expect("ctwatch");
+    let out = Command::new(ctwatch_bin())
+        .args(args)
+        .output()
+        .expect("ctwatch");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

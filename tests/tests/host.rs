@@ -27,7 +27,10 @@ fn start_report(ns: &Netns) -> Ctwatch {
 }
 
 fn top_key(report: &Value, list: &str) -> String {
-    report["drops"][list][0]["key"].as_str().unwrap_or_default().to_string()
+    report["drops"][list][0]["key"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]
@@ -41,8 +44,13 @@ fn udp_inbound_flood_is_attributed_to_source_port_and_listener() {
     let listener = lab.srv.peer(&["udp-listen", "0.0.0.0:5353"]);
     let before = lab.srv.kernel_drops();
     let w = start_report(&lab.srv);
-    assert!(w.banner.contains(&format!("{} mode", mode())), "banner: {}", w.banner);
-    lab.cli.peer_run(&["udp-send", "198.18.0.1:5353", &N.to_string()]);
+    assert!(
+        w.banner.contains(&format!("{} mode", mode())),
+        "banner: {}",
+        w.banner
+    );
+    lab.cli
+        .peer_run(&["udp-send", "198.18.0.1:5353", &N.to_string()]);
     settle();
     let r = w.report();
     let kernel = lab.srv.kernel_drops() - before;
@@ -75,7 +83,9 @@ fn udp_local_flood_names_the_sender() {
     let _held = lab.fill(MAX, HOLD_PORT);
     let before = lab.srv.kernel_drops();
     let w = start_report(&lab.srv);
-    let (pid, out) = lab.srv.peer_run(&["udp-send", "198.18.0.2:9999", &N.to_string()]);
+    let (pid, out) = lab
+        .srv
+        .peer_run(&["udp-send", "198.18.0.2:9999", &N.to_string()]);
     settle();
     let r = w.report();
     // A table-full drop on LOCAL_OUT fails sendmsg with EPERM.
@@ -102,15 +112,23 @@ fn tcp_syn_flood_is_counted_per_syn() {
     let listener = lab.srv.peer(&["tcp-listen", "0.0.0.0:7401"]);
     let before = lab.srv.kernel_drops();
     let w = start_report(&lab.srv);
-    lab.cli.peer_run(&["tcp-syn", "198.18.0.1:7401", &N.to_string()]);
+    lab.cli
+        .peer_run(&["tcp-syn", "198.18.0.1:7401", &N.to_string()]);
     settle();
     let r = w.report();
     let kernel = lab.srv.kernel_drops() - before;
-    assert!(kernel >= N as u64, "each SYN is a drop: kernel saw {kernel}");
+    assert!(
+        kernel >= N as u64,
+        "each SYN is a drop: kernel saw {kernel}"
+    );
     assert_eq!(r["drops"]["total"], kernel, "{r}");
     assert_eq!(top_key(&r, "by_dst_port"), "tcp/7401");
     let p = &r["drops"]["by_process"][0];
-    assert_eq!((p["key"].as_str(), p["pid"].as_u64()), (Some("ctpeer"), Some(listener.pid as u64)), "{r}");
+    assert_eq!(
+        (p["key"].as_str(), p["pid"].as_u64()),
+        (Some("ctpeer"), Some(listener.pid as u64)),
+        "{r}"
+    );
 }
 
 #[test]
@@ -124,7 +142,8 @@ fn ipv6_inbound_flood() {
     let _listener = lab.srv.peer(&["udp-listen", "[::]:5353"]);
     let before = lab.srv.kernel_drops();
     let w = start_report(&lab.srv);
-    lab.cli.peer_run(&["udp-send", "[2001:2::1]:5353", &N.to_string()]);
+    lab.cli
+        .peer_run(&["udp-send", "[2001:2::1]:5353", &N.to_string()]);
     settle();
     let r = w.report();
     let kernel = lab.srv.kernel_drops() - before;
@@ -143,14 +162,20 @@ fn firewall_rule_drops_are_not_table_full_drops() {
     const N: usize = 50;
     let lab = Lab::new("fw", false);
     // Table far from full; a filter-table rule drops after conntrack ran.
-    lab.srv.nft("add chain inet ctw in { type filter hook input priority 0; }");
+    lab.srv
+        .nft("add chain inet ctw in { type filter hook input priority 0; }");
     lab.srv.nft("add rule inet ctw in udp dport 7777 drop");
     let before = lab.srv.kernel_drops();
     let w = start_report(&lab.srv);
-    lab.cli.peer_run(&["udp-send", "198.18.0.1:7777", &N.to_string()]);
+    lab.cli
+        .peer_run(&["udp-send", "198.18.0.1:7777", &N.to_string()]);
     settle();
     let r = w.report();
-    assert_eq!(lab.srv.kernel_drops() - before, 0, "conntrack itself dropped nothing");
+    assert_eq!(
+        lab.srv.kernel_drops() - before,
+        0,
+        "conntrack itself dropped nothing"
+    );
     assert_eq!(r["drops"]["total"], 0, "{r}");
     if mode() == "tracepoint" {
         // The tracepoint sees every NETFILTER_DROP and must set these aside.
@@ -168,10 +193,12 @@ fn raw_table_drops_show_in_the_reconciliation() {
     let lab = Lab::new("raw", false);
     // Priority -300 runs before conntrack: these look like table-full drops
     // to the in-kernel filter, and only the kernel counter can tell.
-    lab.srv.nft("add chain inet ctw raw { type filter hook prerouting priority -300; }");
+    lab.srv
+        .nft("add chain inet ctw raw { type filter hook prerouting priority -300; }");
     lab.srv.nft("add rule inet ctw raw udp dport 7778 drop");
     let w = start_report(&lab.srv);
-    lab.cli.peer_run(&["udp-send", "198.18.0.1:7778", &N.to_string()]);
+    lab.cli
+        .peer_run(&["udp-send", "198.18.0.1:7778", &N.to_string()]);
     settle();
     let r = w.report();
     if mode() != "tracepoint" {
@@ -200,7 +227,8 @@ fn drops_stream_prints_each_flow() {
     let ns = lab.srv.name.clone();
     let m = mode();
     let w = Ctwatch::start(&["drops", "--json", "--mode", &m, "--netns", &ns]);
-    lab.cli.peer_run(&["udp-send", "198.18.0.1:5353", &N.to_string()]);
+    lab.cli
+        .peer_run(&["udp-send", "198.18.0.1:5353", &N.to_string()]);
     settle();
     let (code, out) = w.stop();
     assert_eq!(code, 0);
@@ -219,7 +247,10 @@ fn drops_stream_prints_each_flow() {
         assert_eq!(l["netns_name"], ns.as_str());
         assert_eq!(l["process"]["role"], "listener");
     }
-    let mut sports: Vec<u64> = lines.iter().map(|l| l["tuple"]["sport"].as_u64().unwrap()).collect();
+    let mut sports: Vec<u64> = lines
+        .iter()
+        .map(|l| l["tuple"]["sport"].as_u64().unwrap())
+        .collect();
     sports.dedup();
     assert_eq!(sports.len(), N, "every flow has its own source port");
 }
@@ -229,13 +260,20 @@ fn nothing_stays_attached_after_exit() {
     require_env!();
     let m = mode();
     let w = Ctwatch::start(&["report", "--mode", &m, "--duration", "60"]);
-    assert!(!ctwatch_programs().is_empty(), "ctwatch's program should be loaded while it runs");
+    assert!(
+        !ctwatch_programs().is_empty(),
+        "ctwatch's program should be loaded while it runs"
+    );
     let (code, _) = w.stop();
     assert_eq!(code, 0);
     // Program teardown is synchronous with the last fd close, but give the
     // kernel's deferred free a moment.
     std::thread::sleep(std::time::Duration::from_millis(300));
-    assert!(ctwatch_programs().is_empty(), "left attached: {:?}", ctwatch_programs());
+    assert!(
+        ctwatch_programs().is_empty(),
+        "left attached: {:?}",
+        ctwatch_programs()
+    );
     // SIGTERM takes the same clean path.
     let w = Ctwatch::start(&["report", "--mode", &m, "--duration", "60"]);
     let (code, _) = w.stop_with(libc::SIGTERM);
@@ -247,7 +285,8 @@ fn nothing_stays_attached_after_exit() {
 #[test]
 fn errors_are_one_line_and_non_zero() {
     require_env!();
-    let (code, _, err) = ctwatch_once(&["report", "--netns", "no-such-netns-ctw", "--duration", "1"]);
+    let (code, _, err) =
+        ctwatch_once(&["report", "--netns", "no-such-netns-ctw", "--duration", "1"]);
     assert_ne!(code, 0);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("no-such-netns-ctw"), "{err}");

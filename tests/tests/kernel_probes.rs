@@ -23,7 +23,16 @@ macro_rules! require_kernel_probes {
 
 fn report(ns: &Netns) -> Ctwatch {
     let m = mode();
-    Ctwatch::start(&["report", "--mode", &m, "--duration", "120", "--json", "--netns", &ns.name])
+    Ctwatch::start(&[
+        "report",
+        "--mode",
+        &m,
+        "--duration",
+        "120",
+        "--json",
+        "--netns",
+        &ns.name,
+    ])
 }
 
 fn item<'a>(list: &'a Value, key: &str) -> Option<&'a Value> {
@@ -38,7 +47,10 @@ struct ParamGuard {
 
 impl ParamGuard {
     fn set(path: &'static str, value: &str) -> Self {
-        let old = std::fs::read_to_string(path).expect(path).trim().to_string();
+        let old = std::fs::read_to_string(path)
+            .expect(path)
+            .trim()
+            .to_string();
         std::fs::write(path, value).expect(path);
         ParamGuard { path, old }
     }
@@ -83,7 +95,16 @@ fn forced_tracepoint_gives_the_same_drop_totals() {
     let mut totals = Vec::new();
     for m in [mode(), "tracepoint".to_string()] {
         let ns = lab.srv.name.clone();
-        let args = ["report", "--mode", &m, "--duration", "120", "--json", "--netns", &ns];
+        let args = [
+            "report",
+            "--mode",
+            &m,
+            "--duration",
+            "120",
+            "--json",
+            "--netns",
+            &ns,
+        ];
         let (code, _, err) = ctwatch_once(&["report", "--mode", &m, "--duration", "0.1"]);
         if m == "tracepoint" && code != 0 {
             // Before 5.17 kfree_skb has no drop reason: the error must say so.
@@ -93,7 +114,8 @@ fn forced_tracepoint_gives_the_same_drop_totals() {
         }
         let before = lab.srv.kernel_drops();
         let w = Ctwatch::start(&args);
-        lab.cli.peer_run(&["udp-send", "198.18.0.1:5353", &N.to_string()]);
+        lab.cli
+            .peer_run(&["udp-send", "198.18.0.1:5353", &N.to_string()]);
         settle();
         let r = w.report();
         assert_eq!(r["mode"], m.as_str());
@@ -110,8 +132,10 @@ fn occupancy_follows_holders_up_and_down() {
     let lab = Lab::new("occ", false);
     // Short timeouts so closed connections leave the table within the test.
     for state in ["close", "close_wait", "fin_wait", "last_ack", "time_wait"] {
-        lab.srv
-            .sysctl(&format!("net.netfilter.nf_conntrack_tcp_timeout_{state}"), "1");
+        lab.srv.sysctl(
+            &format!("net.netfilter.nf_conntrack_tcp_timeout_{state}"),
+            "1",
+        );
     }
     let listener = lab.srv.peer(&["tcp-listen", "0.0.0.0:7500"]);
 
@@ -127,9 +151,16 @@ fn occupancy_follows_holders_up_and_down() {
     assert_eq!(occ["total"], K as u64, "{r}");
     let src = item(&occ["by_src_ip"], "198.18.0.2").expect("holder's source IP");
     assert_eq!(src["count"], K as u64);
-    assert_eq!(item(&occ["by_dst_port"], "tcp/7500").unwrap()["count"], K as u64);
+    assert_eq!(
+        item(&occ["by_dst_port"], "tcp/7500").unwrap()["count"],
+        K as u64
+    );
     let p = &occ["by_process"][0];
-    assert_eq!((p["key"].as_str(), p["pid"].as_u64()), (Some("ctpeer"), Some(listener.pid as u64)), "{r}");
+    assert_eq!(
+        (p["key"].as_str(), p["pid"].as_u64()),
+        (Some("ctpeer"), Some(listener.pid as u64)),
+        "{r}"
+    );
     assert_eq!(r["new_flows"]["total"], K as u64, "{r}");
 
     // Seeded: a new run starts from one ctnetlink dump, then goes down as
@@ -143,11 +174,18 @@ fn occupancy_follows_holders_up_and_down() {
         let _ = lab.srv.exec(&["conntrack", "-L"]);
         std::thread::sleep(Duration::from_millis(300));
     }
-    assert_eq!(lab.srv.count(), 0, "the kernel did not free the entries in time");
+    assert_eq!(
+        lab.srv.count(),
+        0,
+        "the kernel did not free the entries in time"
+    );
     settle();
     let r = w.report();
     assert_eq!(r["occupancy"]["total"], 0, "{r}");
-    assert!(r["counters"]["entries_freed"].as_u64().unwrap() >= K as u64, "{r}");
+    assert!(
+        r["counters"]["entries_freed"].as_u64().unwrap() >= K as u64,
+        "{r}"
+    );
 }
 
 #[test]
@@ -163,7 +201,8 @@ fn evictions_name_the_evicted_flows() {
     // About M unreplied (so unassured, evictable) UDP entries to port 5000;
     // a few datagrams may die in the veth backlog, so the table is declared
     // full at whatever count they reached.
-    lab.cli.peer_run(&["udp-send", "198.18.0.1:5000", &M.to_string()]);
+    lab.cli
+        .peer_run(&["udp-send", "198.18.0.1:5000", &M.to_string()]);
     let mut held = 0;
     while lab.srv.count() != held {
         held = lab.srv.count();
@@ -173,23 +212,34 @@ fn evictions_name_the_evicted_flows() {
     let _max = MaxGuard::set(held);
     let early_before = early_drops(&lab.srv);
     let w = report(&lab.srv);
-    lab.cli.peer_run(&["udp-send", "198.18.0.1:6000", &N.to_string()]);
+    lab.cli
+        .peer_run(&["udp-send", "198.18.0.1:6000", &N.to_string()]);
     settle();
     let r = w.report();
     let kernel_evictions = early_drops(&lab.srv) - early_before;
-    assert!(kernel_evictions >= N as u64, "kernel early_drop counter: {kernel_evictions}");
+    assert!(
+        kernel_evictions >= N as u64,
+        "kernel early_drop counter: {kernel_evictions}"
+    );
     assert_eq!(r["evictions"], kernel_evictions, "{r}");
     assert_eq!(r["drops"]["total"], 0, "every new flow found room: {r}");
     let ev = &r["evicted"];
     assert_eq!(ev["total"], kernel_evictions, "{r}");
     for i in ev["by_dst_port"].as_array().unwrap() {
         let k = i["key"].as_str().unwrap();
-        assert!(k == "udp/5000" || k == "udp/6000", "unexpected evicted key {k}: {r}");
+        assert!(
+            k == "udp/5000" || k == "udp/6000",
+            "unexpected evicted key {k}: {r}"
+        );
     }
     assert_eq!(ev["by_src_ip"][0]["key"], "198.18.0.2", "{r}");
     // One early_drop can empty a whole bucket, so the count may end below
     // `held`; what ctwatch says is held must match the kernel's count.
-    assert_eq!(r["occupancy"]["total"].as_u64().unwrap(), row_count(&r, &lab.srv), "{r}");
+    assert_eq!(
+        r["occupancy"]["total"].as_u64().unwrap(),
+        row_count(&r, &lab.srv),
+        "{r}"
+    );
 }
 
 fn early_drops(ns: &Netns) -> u64 {

@@ -1,6 +1,7 @@
 //! The ctwatch build-and-run workflow. Each subcommand is a short function
 //! over plain `cargo` / system commands, with no hidden state; everything it
 //! needs is installed on first use (see `setup`).
+mod bench;
 mod setup;
 mod vm;
 
@@ -38,8 +39,18 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// The whole test suite: unit tests, then host integration tests (root).
-    Test,
+    /// The whole test suite: unit tests, host integration tests (root,
+    /// tracepoint mode), then the VM suite (kprobe mode on Debian kernels).
+    Test {
+        /// Kernels for the VM suite (default: all four; env CTWATCH_VM_KERNELS="6.1 6.12" also works).
+        #[arg(long)]
+        kernel: Vec<String>,
+        /// Skip the VM suite (refused when CI=true).
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// Overhead and speed ratios, side by side; writes docs/benchmarks.md.
+    Bench,
     /// Integration tests inside QEMU VMs on Debian kernels.
     IntegrationTest {
         #[command(subcommand)]
@@ -86,7 +97,14 @@ fn build_ebpf() -> Result<PathBuf> {
     setup::ensure_build_tools()?;
     run(setup::nightly("cargo")
         .current_dir(root())
-        .args(["build", "--quiet", "-p", "conntrack-ebpf", "--features", "ebpf"])
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "conntrack-ebpf",
+            "--features",
+            "ebpf",
+        ])
         .args(["--bin", "ctwatch-ebpf", "--target", "bpfel-unknown-none"])
         .args(["-Z", "build-std=core", "--release"]))
     .context("building the eBPF object")?;
@@ -96,8 +114,15 @@ fn build_ebpf() -> Result<PathBuf> {
 fn build(release: bool) -> Result<PathBuf> {
     let obj = build_ebpf()?;
     let mut c = cargo();
-    c.args(["build", "--quiet", "-p", "conntrack-user", "--bin", "ctwatch"])
-        .env("CTWATCH_EBPF_OBJECT", &obj);
+    c.args([
+        "build",
+        "--quiet",
+        "-p",
+        "conntrack-user",
+        "--bin",
+        "ctwatch",
+    ])
+    .env("CTWATCH_EBPF_OBJECT", &obj);
     if release {
         c.arg("--release");
     }
@@ -127,25 +152,117 @@ fn run_ctwatch(release: bool, args: &[String]) -> Result<()> {
 /// Builds the test binaries; returns (ctwatch, host test binaries).
 fn build_tests() -> Result<PathBuf> {
     let ctwatch = build(false)?;
-    run(cargo().args(["build", "--quiet", "-p", "ctwatch-tests", "--bins", "--tests"]))?;
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "-p",
+        "ctwatch-tests",
+        "--bins",
+        "--tests",
+    ]))?;
     Ok(ctwatch)
 }
 
-fn test() -> Result<()> {
+/// Runs a test command, echoing its output, and sums libtest's
+/// `test result:` lines.
+fn run_tally(cmd: &mut Command) -> Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cmd:?}"))?;
+    let mut text = String::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let status = child.wait()?;
+    let (passed, failed) = tally(&text);
+    if !status.success() {
+        bail!("{cmd:?} failed ({passed} passed, {failed} failed)");
+    }
+    Ok((passed, failed))
+}
+
+fn test(kernels: &[String], no_vm: bool) -> Result<()> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if no_vm && ci {
+        bail!("--no-vm is refused when CI=true: the VM suite must run in CI");
+    }
     setup::ensure_test_tools()?;
+    if !no_vm {
+        vm::ensure_host_tools()?;
+    }
     let ctwatch = build_tests()?;
+    let obj = root().join("target/bpfel-unknown-none/release/ctwatch-ebpf");
     eprintln!("xtask: unit tests");
-    run(cargo().args(["test", "-p", "conntrack-user", "-p", "xtask", "-p", "conntrack-ebpf"])
-        .env("CTWATCH_EBPF_OBJECT", root().join("target/bpfel-unknown-none/release/ctwatch-ebpf")))?;
+    let unit = run_tally(
+        cargo()
+            .args([
+                "test",
+                "-p",
+                "conntrack-user",
+                "-p",
+                "xtask",
+                "-p",
+                "conntrack-ebpf",
+            ])
+            .env("CTWATCH_EBPF_OBJECT", &obj),
+    )?;
     eprintln!("xtask: host integration tests (root, serial, tracepoint mode)");
     let mut c = cargo();
-    c.args(["test", "-p", "ctwatch-tests", "--test", "host", "--", "--test-threads=1"])
-        .env("CTWATCH_BIN", &ctwatch);
+    c.args([
+        "test",
+        "-p",
+        "ctwatch-tests",
+        "--tests",
+        "--",
+        "--test-threads=1",
+    ])
+    .env("CTWATCH_BIN", &ctwatch)
+    .env("CTWATCH_TEST_MODE", "tracepoint");
+    if ci {
+        // In CI a privileged test that cannot run is a failure, not a skip.
+        c.env("CTWATCH_REQUIRE_PRIVILEGED", "1");
+    }
     if !setup::nix_is_root() {
         c.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
     }
-    run(&mut c)?;
+    let host = run_tally(&mut c)?;
+    let mut vm_counts = (0, 0);
+    if no_vm {
+        eprintln!("xtask: VM suite skipped (--no-vm)");
+    } else {
+        let mut ks = kernels.to_vec();
+        if ks.is_empty() {
+            if let Ok(v) = std::env::var("CTWATCH_VM_KERNELS") {
+                ks = v.split_whitespace().map(str::to_string).collect();
+            }
+        }
+        eprintln!("xtask: VM suite (kprobe mode inside QEMU)");
+        vm_counts = integration_vm(&ks)?;
+    }
+    let passed = unit.0 + host.0 + vm_counts.0;
+    let failed = unit.1 + host.1 + vm_counts.1;
+    println!("ctwatch: {passed} passed, {failed} failed");
     Ok(())
+}
+
+fn bench() -> Result<()> {
+    setup::ensure_test_tools()?;
+    let ctwatch = build(true)?;
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "ctwatch-tests",
+        "--bin",
+        "ctpeer",
+    ]))?;
+    bench::bench(&ctwatch, &root().join("target/release/ctpeer"), &root())
 }
 
 fn main() -> Result<()> {
@@ -157,9 +274,16 @@ fn main() -> Result<()> {
         }
         Cmd::Build { release } => build(release).map(|p| eprintln!("xtask: built {}", p.display())),
         Cmd::Run { release, args } => run_ctwatch(release, &args),
-        Cmd::Test => test(),
-        Cmd::IntegrationTest { target: ItTarget::Vm { kernel } } => integration_vm(&kernel),
-        Cmd::Vm { kernel, share, command } => boot_vm(&kernel, share, command),
+        Cmd::Test { kernel, no_vm } => test(&kernel, no_vm),
+        Cmd::Bench => bench(),
+        Cmd::IntegrationTest {
+            target: ItTarget::Vm { kernel },
+        } => integration_vm(&kernel).map(|_| ()),
+        Cmd::Vm {
+            kernel,
+            share,
+            command,
+        } => boot_vm(&kernel, share, command),
     }
 }
 
@@ -176,7 +300,9 @@ fn test_binaries() -> Result<Vec<(String, PathBuf)>> {
     let mut bins = Vec::new();
     for line in out.lines() {
         // Plain string matching keeps xtask free of a JSON dependency.
-        if !line.contains("\"reason\":\"compiler-artifact\"") || !line.contains("\"kind\":[\"test\"]") {
+        if !line.contains("\"reason\":\"compiler-artifact\"")
+            || !line.contains("\"kind\":[\"test\"]")
+        {
             continue;
         }
         let field = |from: usize, name: &str| -> Option<String> {
@@ -227,7 +353,8 @@ fn tally(output: &str) -> (u64, u64) {
     (passed, failed)
 }
 
-fn integration_vm(kernels: &[String]) -> Result<()> {
+/// Boots each kernel and runs the suite inside; returns (passed, failed).
+fn integration_vm(kernels: &[String]) -> Result<(u64, u64)> {
     vm::ensure_host_tools()?;
     setup::ensure_test_tools()?;
     // Release: TCG emulation is slow enough without a debug build.
@@ -236,7 +363,10 @@ fn integration_vm(kernels: &[String]) -> Result<()> {
     let bins = test_binaries()?;
     let mut files = vec![
         (ctwatch, "/bin/ctwatch".to_string()),
-        (root().join("target/debug/ctpeer"), "/bin/ctpeer".to_string()),
+        (
+            root().join("target/debug/ctpeer"),
+            "/bin/ctpeer".to_string(),
+        ),
     ];
     for (name, path) in &bins {
         files.push((path.clone(), format!("/bin/ctw-{name}")));
@@ -270,7 +400,13 @@ fn integration_vm(kernels: &[String]) -> Result<()> {
                 .output
                 .lines()
                 .filter(|l| l.contains(" mode on kernel "))
-                .find_map(|l| l.split("ctwatch: ").nth(1)?.split(" mode on kernel").next().map(str::to_string))
+                .find_map(|l| {
+                    l.split("ctwatch: ")
+                        .nth(1)?
+                        .split(" mode on kernel")
+                        .next()
+                        .map(str::to_string)
+                })
                 .unwrap_or_else(|| "-".into());
             let why = if r.timed_out {
                 "timed out".to_string()
@@ -294,7 +430,10 @@ fn integration_vm(kernels: &[String]) -> Result<()> {
             }
         })
         .collect();
-    println!("\n{:<7} {:<32} {:<11} {:>7} {:>7}  result", "kernel", "release", "mode", "passed", "failed");
+    println!(
+        "\n{:<7} {:<32} {:<11} {:>7} {:>7}  result",
+        "kernel", "release", "mode", "passed", "failed"
+    );
     for r in &rows {
         println!(
             "{:<7} {:<32} {:<11} {:>7} {:>7}  {}{}",
@@ -304,14 +443,25 @@ fn integration_vm(kernels: &[String]) -> Result<()> {
             r.passed,
             r.failed,
             if r.ok { "ok" } else { "FAILED" },
-            if r.why.is_empty() { String::new() } else { format!(" ({})", r.why) }
+            if r.why.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", r.why)
+            }
         );
     }
-    let failed: Vec<&str> = rows.iter().filter(|r| !r.ok).map(|r| r.kernel.as_str()).collect();
+    let failed: Vec<&str> = rows
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| r.kernel.as_str())
+        .collect();
     if !failed.is_empty() {
         bail!("VM suite failed on kernel(s) {}", failed.join(", "));
     }
-    Ok(())
+    Ok((
+        rows.iter().map(|r| r.passed).sum(),
+        rows.iter().map(|r| r.failed).sum(),
+    ))
 }
 
 fn boot_vm(kernel: &str, share: Option<PathBuf>, command: Vec<String>) -> Result<()> {

@@ -10,9 +10,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 pub fn cmd_output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed: {}",
@@ -51,8 +49,9 @@ pub fn nightly(tool: &str) -> Command {
 
 /// Nightly's sysroot and the file name of its shared libLLVM.
 fn nightly_llvm() -> Result<(PathBuf, String, u32)> {
-    let sysroot = cmd_output(nightly("rustc").args(["--print", "sysroot"]))
-        .context("the nightly toolchain is required for the eBPF build: rustup toolchain install nightly")?;
+    let sysroot = cmd_output(nightly("rustc").args(["--print", "sysroot"])).context(
+        "the nightly toolchain is required for the eBPF build: rustup toolchain install nightly",
+    )?;
     let sysroot = PathBuf::from(sysroot.trim());
     let lib = sysroot.join("lib");
     let soname = fs::read_dir(&lib)?
@@ -106,10 +105,23 @@ fn ensure_bpf_linker(cache: &Path) -> Result<()> {
         let _ = fs::remove_file(&link);
         std::os::unix::fs::symlink(sysroot.join("lib").join(&soname), &link)?;
     }
-    eprintln!("xtask: building bpf-linker 0.13 against nightly's LLVM {major} (a few minutes, once)");
+    eprintln!(
+        "xtask: building bpf-linker 0.13 against nightly's LLVM {major} (a few minutes, once)"
+    );
     run(nightly("cargo")
-        .args(["install", "bpf-linker", "--version", "0.13.0", "--locked", "--force"])
-        .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            "0.13.0",
+            "--locked",
+            "--force",
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
         .env("LLVM_PREFIX", &prefix))
 }
 

@@ -6,11 +6,11 @@
 //! when it found none: the table is full and the packet will be dropped.
 //! The evicted entry is freed inside this call; `nf_conntrack_free` sees
 //! the flag set here and reports it as an eviction.
+use crate::common::{pid_tgid, slot_set, EARLY};
 use aya_ebpf::{
     macros::{fentry, fexit, kprobe, kretprobe},
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
-use crate::common::{pid_tgid, slot_set, EARLY};
 
 fn enter() {
     slot_set(&EARLY, 0, pid_tgid());

@@ -32,7 +32,11 @@ pub async fn run(
     eprintln!(
         "{}; streaming {} (Ctrl-C to stop)",
         w.banner(),
-        if all_kinds { "conntrack events" } else { "table-full drops" }
+        if all_kinds {
+            "conntrack events"
+        } else {
+            "table-full drops"
+        }
     );
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_stats = w.source.stats()?;

@@ -143,12 +143,12 @@ pub async fn run(
             .filter_map(|(k, n)| Some((SeedKey::of_record(&event::decode_key(&k).ok()?), n)));
         seed.apply_frees(frees);
         let live: Vec<(AggKey, i64)> = w.source.occupancy()?.into_iter().collect();
-        let records: Vec<(AggRecord, u64)> = seed
-            .records()
-            .chain(live.iter().filter_map(|(k, n)| {
-                Some((event::decode_key(k).ok()?, u64::try_from(*n).ok()?))
-            }))
-            .collect();
+        let records: Vec<(AggRecord, u64)> =
+            seed.records()
+                .chain(live.iter().filter_map(|(k, n)| {
+                    Some((event::decode_key(k).ok()?, u64::try_from(*n).ok()?))
+                }))
+                .collect();
         for (rec, n) in records {
             if w.scope.contains(rec.netns) {
                 let dims = w.dims(&rec);
@@ -160,7 +160,9 @@ pub async fn run(
             if !w.scope.contains(netns) {
                 continue;
             }
-            for (rec, n) in Seed::from_dumps([(netns, entries.as_slice())], &Default::default()).records() {
+            for (rec, n) in
+                Seed::from_dumps([(netns, entries.as_slice())], &Default::default()).records()
+            {
                 let dims = w.dims(&rec);
                 occupancy.add(dims, n);
             }

@@ -1,5 +1,8 @@
 //! `ctwatch serve` (being written).
-use crate::{cli::{ServeArgs, Settings}, error::Error};
+use crate::{
+    cli::{ServeArgs, Settings},
+    error::Error,
+};
 
 pub async fn run(settings: &Settings, args: &ServeArgs) -> Result<(), Error> {
     let _ = (settings, args);

@@ -24,9 +24,7 @@ pub fn process(r: &RowKey) -> String {
 }
 
 fn clock(ts: std::time::SystemTime) -> String {
-    let d = ts
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let d = ts.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let s = d.as_secs() % 86400;
     format!(
         "{:02}:{:02}:{:02}.{:03}",

@@ -10,7 +10,7 @@ use std::{
 fn usage() -> ! {
     eprintln!(
         "usage: ctpeer udp-listen ADDR:PORT | tcp-listen ADDR:PORT | tcp-hold ADDR:PORT N | \
-         udp-send ADDR:PORT N | tcp-syn ADDR:PORT N"
+         udp-send ADDR:PORT N | udp-flood ADDR:PORT MILLIS | tcp-syn ADDR:PORT N"
     );
     std::process::exit(2)
 }
@@ -29,10 +29,16 @@ fn park() -> ! {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cmd, addr) = match (args.first(), args.get(1)) {
-        (Some(c), Some(a)) => (c.as_str(), a.parse::<SocketAddr>().unwrap_or_else(|_| usage())),
+        (Some(c), Some(a)) => (
+            c.as_str(),
+            a.parse::<SocketAddr>().unwrap_or_else(|_| usage()),
+        ),
         _ => usage(),
     };
-    let n: usize = args.get(2).map(|s| s.parse().unwrap_or_else(|_| usage())).unwrap_or(0);
+    let n: usize = args
+        .get(2)
+        .map(|s| s.parse().unwrap_or_else(|_| usage()))
+        .unwrap_or(0);
     match cmd {
         "udp-listen" => {
             let _s = UdpSocket::bind(addr).expect("bind");
@@ -51,7 +57,9 @@ fn main() {
         "tcp-hold" => {
             let mut held = Vec::new();
             for _ in 0..n {
-                held.push(TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"));
+                held.push(
+                    TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"),
+                );
             }
             ready(&format!("holding {}", held.len()));
             park();
@@ -59,7 +67,13 @@ fn main() {
         "udp-send" => {
             // One socket per datagram: every datagram is a new flow.
             let (mut ok, mut eperm, mut other) = (0, 0, 0);
-            let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+            let bind: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            }
+            .parse()
+            .unwrap();
             for _ in 0..n {
                 let s = UdpSocket::bind(bind).expect("bind");
                 match s.send_to(b"ctwatch", addr) {
@@ -70,13 +84,39 @@ fn main() {
             }
             println!("sent {ok} eperm {eperm} other {other}");
         }
+        "udp-flood" => {
+            // One socket, as fast as it goes, for N milliseconds: with the
+            // table full every datagram is a new flow and a table-full drop.
+            let bind: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            }
+            .parse()
+            .unwrap();
+            let s = UdpSocket::bind(bind).expect("bind");
+            let until = std::time::Instant::now() + Duration::from_millis(n as u64);
+            let mut sent = 0u64;
+            while std::time::Instant::now() < until {
+                for _ in 0..256 {
+                    let _ = s.send_to(b"ctwatch", addr);
+                    sent += 1;
+                }
+            }
+            println!("flood {sent}");
+        }
         "tcp-syn" => {
             // Non-blocking connects, closed before the first retransmit
             // (1 s): exactly one SYN per flow.
             let mut socks = Vec::new();
             for _ in 0..n {
-                let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
-                let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) };
+                let domain = if addr.is_ipv4() {
+                    libc::AF_INET
+                } else {
+                    libc::AF_INET6
+                };
+                let fd =
+                    unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) };
                 assert!(fd >= 0, "socket");
                 let (sa, len) = sockaddr(&addr);
                 unsafe { libc::connect(fd, (&sa as *const libc::sockaddr_storage).cast(), len) };
@@ -99,7 +139,9 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as u16,
                 sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
                 sin_zero: [0; 8],
             };
             unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
@@ -110,7 +152,9 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 sin6_family: libc::AF_INET6 as u16,
                 sin6_port: a.port().to_be(),
                 sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
                 sin6_scope_id: 0,
             };
             unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
