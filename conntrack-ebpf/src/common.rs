@@ -39,7 +39,7 @@ pub static CONFIG: Config = Config {
     conn_tuple: 0,
     conn_net: 0,
     hash_tuple: 0,
-    _pad: 0,
+    stream_budget: 0,
 };
 
 /// 16 MiB: about 160k events of slack before a burst starts losing events.
@@ -233,29 +233,62 @@ pub fn key_of(ev: &FlowEvent) -> AggKey {
 }
 
 /// Adds one to the per-CPU count of this event's attribution key. A full
-/// map is counted in `AGG_OVERFLOW` and reported as "other".
+/// map is counted in `AGG_OVERFLOW` and reported as "other". Returns true
+/// when the key is new (on this CPU), so its first record can be streamed.
 #[inline(always)]
-pub fn aggregate(ev: &FlowEvent) {
+pub fn aggregate(ev: &FlowEvent) -> bool {
     let key = key_of(ev);
-    count_key(&key);
+    count_key(&key)
 }
 
 #[inline(always)]
-pub fn count_key(key: &AggKey) {
+pub fn count_key(key: &AggKey) -> bool {
     if let Some(v) = COUNTS.get_ptr_mut(key) {
         unsafe { *v += 1 };
-        return;
+        return false;
     }
     // Another CPU may insert the same key concurrently; per-CPU values make
     // that harmless, and a full map lands in "other".
     if COUNTS.insert(key, &1u64, 0).is_ok() {
-        return;
+        return true;
     }
     if let Some(v) = COUNTS.get_ptr_mut(key) {
         unsafe { *v += 1 };
-        return;
+        return false;
     }
     bump(stat::AGG_OVERFLOW);
+    false
+}
+
+/// Per-CPU stream budget window: [0] window start (ns), [1] records in it.
+#[map]
+static BUDGET: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+/// Streams the record if it is the first of its key or within this CPU's
+/// per-second budget; otherwise counts it as sampled out. Per-record
+/// streaming at flood rates would cost more than the drop path itself.
+#[inline(always)]
+pub fn emit_budgeted(ev: &FlowEvent, first_of_key: bool) {
+    let budget = conf!(stream_budget) as u64;
+    if first_of_key || budget == 0 {
+        emit(ev);
+        return;
+    }
+    let (Some(start), Some(n)) = (BUDGET.get_ptr_mut(0), BUDGET.get_ptr_mut(1)) else {
+        return;
+    };
+    unsafe {
+        if ev.ts_ns.wrapping_sub(*start) > 1_000_000_000 {
+            *start = ev.ts_ns;
+            *n = 0;
+        }
+        if *n < budget {
+            *n += 1;
+            emit(ev);
+        } else {
+            bump(stat::SAMPLED);
+        }
+    }
 }
 
 /// Adds `delta` to the occupancy of `key` on this CPU.

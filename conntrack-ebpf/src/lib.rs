@@ -66,6 +66,9 @@ pub mod stat {
     /// Allocation failures not preceded by a failed early_drop (slab
     /// failures): not table-full drops.
     pub const ALLOC_ERR: u32 = 11;
+    /// Records not streamed because of `Config::stream_budget` (counted in
+    /// the maps all the same).
+    pub const SAMPLED: u32 = 12;
     pub const COUNT: u32 = 16;
 }
 
@@ -172,7 +175,11 @@ pub struct Config {
     pub conn_net: u32,
     /// `offsetof(struct nf_conntrack_tuple_hash, tuple)`.
     pub hash_tuple: u32,
-    pub _pad: u32,
+    /// Ring-buffer records per second per CPU (0: unlimited). Past it,
+    /// records are counted in `stat::SAMPLED` instead of streamed; the
+    /// first record of every new aggregation key is always streamed, and
+    /// totals come from the per-CPU maps either way.
+    pub stream_budget: u32,
 }
 
 /// Size of a [`FlowEvent`] on the ring buffer; userspace rejects other sizes.

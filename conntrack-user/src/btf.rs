@@ -579,7 +579,7 @@ pub fn resolve_layout(btf: &KernelBtf) -> Result<Config, BtfError> {
             .unwrap_or(0),
         conn_net: off("nf_conn.ct_net").map(|a| a + net_ptr).unwrap_or(0),
         hash_tuple: off("nf_conntrack_tuple_hash.tuple").unwrap_or(0),
-        _pad: 0,
+        stream_budget: 0,
     })
 }
 
@@ -1241,7 +1241,7 @@ mod tests {
             conn_tuple: 0,
             conn_net: 0,
             hash_tuple: 0,
-            _pad: 0,
+            stream_budget: 0,
         };
         assert_eq!(config, expected);
     }

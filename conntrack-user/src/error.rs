@@ -16,6 +16,14 @@ pub enum Error {
     Counters(#[from] crate::counters::CountersError),
     #[error(transparent)]
     Btf(#[from] crate::btf::BtfError),
+    #[error(transparent)]
+    Serve(#[from] crate::metrics::ServeError),
+    #[error(transparent)]
+    Top(#[from] crate::commands::top::TopError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error(transparent)]
+    Doctor(#[from] crate::doctor::DoctorError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("`ctwatch {what}` needs the fentry or kprobe mode, and kernel {release} offers only the tracepoint mode (no kprobes, tracing programs refused): use `ctwatch drops` or `ctwatch report` here")]

@@ -60,6 +60,9 @@ pub struct LoadRequest {
     pub mode: Option<Mode>,
     /// Stream one event per new conntrack entry (kernel-probe modes only).
     pub stream_new: bool,
+    /// Ring-buffer records per second per CPU beyond the first of each key
+    /// (0: unlimited). Totals come from in-kernel maps regardless.
+    pub stream_budget: u32,
 }
 
 /// Loaded and attached programs. Dropping it detaches everything: every
@@ -216,6 +219,7 @@ fn load_mode(
     let mut config = btf::resolve_layout(kbtf)?;
     config.reason_netfilter_drop = btf::netfilter_drop_reason(kbtf).unwrap_or(0);
     config.stream_new = req.stream_new as u32;
+    config.stream_budget = req.stream_budget;
     let mut ebpf = EbpfLoader::new()
         .override_global("CONFIG", &config, true)
         .map_max_entries("LIVE", live_capacity(mode))

@@ -93,11 +93,14 @@ pub struct Watch {
 const OWNER_CACHE: usize = 65536;
 
 impl Watch {
-    pub fn start(settings: &Settings, stream_new: bool) -> Result<Self, Error> {
+    /// Loads and attaches. `stream_budget` bounds per-record streaming
+    /// (records per second per CPU beyond the first of each key).
+    pub fn start(settings: &Settings, stream_new: bool, stream_budget: u32) -> Result<Self, Error> {
         let scope = Scope::from_specs(&settings.netns)?;
         let mut loaded = loader::load(&LoadRequest {
             mode: settings.mode,
             stream_new,
+            stream_budget,
         })?;
         let source = KernelSource::new(&mut loaded)?;
         Ok(Self {

@@ -293,6 +293,7 @@ impl Drop for MaxGuard {
 
 /// A running `ctwatch` that has attached (its banner was printed).
 pub struct Ctwatch {
+    pub pid: u32,
     child: Option<Child>,
     stderr: mpsc::Receiver<String>,
     pub banner: String,
@@ -317,6 +318,7 @@ impl Ctwatch {
             }
         });
         let mut w = Ctwatch {
+            pid: child.id(),
             child: Some(child),
             stderr: rx,
             banner: String::new(),
@@ -398,13 +400,47 @@ pub fn netns_row<'a>(report: &'a Value, inum: u64) -> &'a Value {
         .unwrap_or_else(|| panic!("netns {inum} missing from report: {report}"))
 }
 
+/// IDs of the BPF programs a process holds open (from its fds' fdinfo), so
+/// a check is not confused by other ctwatch instances running at once.
+pub fn programs_held_by(pid: u32) -> Vec<u32> {
+    let mut ids = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return ids;
+    };
+    for e in dir.flatten() {
+        if let Ok(info) = std::fs::read_to_string(e.path()) {
+            for line in info.lines() {
+                if let Some(id) = line.strip_prefix("prog_id:") {
+                    if let Ok(id) = id.trim().parse() {
+                        ids.push(id);
+                    }
+                }
+            }
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Which of these program IDs `bpftool prog list` still shows.
+pub fn still_loaded(ids: &[u32]) -> Vec<u32> {
+    let out = Command::new("bpftool").args(["prog", "list"]).output();
+    let Ok(out) = out else { return vec![] };
+    let text = String::from_utf8_lossy(&out.stdout);
+    ids.iter()
+        .copied()
+        .filter(|id| text.lines().any(|l| l.starts_with(&format!("{id}: "))))
+        .collect()
+}
+
 /// IDs of loaded BPF programs whose name matches one of ctwatch's.
 pub fn ctwatch_programs() -> Vec<String> {
     let out = Command::new("bpftool").args(["prog", "list"]).output();
     let Ok(out) = out else { return vec![] };
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.contains("name kfree_skb") || l.contains("name ctw_"))
+        .filter(|l| l.contains(" name ctw_"))
         .map(str::to_string)
         .collect()
 }

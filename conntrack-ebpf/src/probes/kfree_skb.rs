@@ -14,7 +14,7 @@ use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use conntrack_ebpf::{kind, role, stat, FlowEvent};
 
 use crate::common::{
-    aggregate, bump, conf, decode_ip, emit, fill_task, net_inum, now_ns, rd, scratch_event,
+    aggregate, bump, conf, decode_ip, emit_budgeted, fill_task, net_inum, now_ns, rd, scratch_event,
     sock_ino,
 };
 
@@ -73,8 +73,8 @@ fn try_kfree_skb(skb: u64) -> Result<(), i32> {
     let decoded = decode_ip(head + nh as u64, ev);
 
     // Count before streaming: totals stay exact even if the ring buffer is full.
-    aggregate(ev);
-    emit(ev);
+    let first = aggregate(ev);
+    emit_budgeted(ev, first);
     if decoded {
         Ok(())
     } else {

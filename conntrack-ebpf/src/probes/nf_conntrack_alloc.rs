@@ -15,7 +15,7 @@ use aya_ebpf::{
 use conntrack_ebpf::{kind, role, stat, FlowEvent};
 
 use crate::common::{
-    aggregate, bump, conf, emit, is_err_ptr, key_of, net_inum, now_ns, occupy, pid_tgid,
+    aggregate, bump, conf, emit_budgeted, is_err_ptr, key_of, net_inum, now_ns, occupy, pid_tgid,
     read_ct_tuple, scratch_event, slot_get, slot_set, ARGS, EARLY, HOOK_CTX, LIVE,
 };
 
@@ -81,13 +81,13 @@ fn on_alloc(net: u64, orig: u64, ret: u64) -> Result<(), i32> {
     if is_err_ptr(ret) {
         ev.kind = kind::DROP;
         bump(stat::MATCHED);
-        aggregate(ev);
-        emit(ev);
+        let first = aggregate(ev);
+        emit_budgeted(ev, first);
         return Ok(());
     }
     ev.kind = kind::NEW;
     bump(stat::NEW);
-    aggregate(ev);
+    let first = aggregate(ev);
     let key = key_of(ev);
     occupy(&key, 1);
     if LIVE.insert(&ret, &*ev, 0).is_err() {
@@ -96,7 +96,7 @@ fn on_alloc(net: u64, orig: u64, ret: u64) -> Result<(), i32> {
         bump(stat::LIVE_OVERFLOW);
     }
     if conf!(stream_new) != 0 {
-        emit(ev);
+        emit_budgeted(ev, first);
     }
     Ok(())
 }

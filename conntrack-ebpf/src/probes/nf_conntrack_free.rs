@@ -10,7 +10,7 @@ use aya_ebpf::{
 use conntrack_ebpf::{kind, role, stat, FlowEvent};
 
 use crate::common::{
-    aggregate, bump, conf, emit, key_of, net_inum, now_ns, occupy, pid_tgid, rd, read_ct_tuple,
+    aggregate, bump, conf, emit_budgeted, key_of, net_inum, now_ns, occupy, pid_tgid, rd, read_ct_tuple,
     scratch_event, slot_get, EARLY, LIVE,
 };
 
@@ -57,8 +57,8 @@ fn on_free(ct: u64) -> Result<(), i32> {
         bump(stat::EVICTIONS);
         ev.kind = kind::EVICT;
         ev.ts_ns = now_ns();
-        aggregate(ev);
-        emit(ev);
+        let first = aggregate(ev);
+        emit_budgeted(ev, first);
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use aya_ebpf::{
 use conntrack_ebpf::{kind, stat, FlowEvent};
 
 use crate::common::{
-    aggregate, bump, conf, emit, net_inum, now_ns, pid_tgid, rd, read_ct_tuple, scratch_event,
+    aggregate, bump, conf, emit_budgeted, net_inum, now_ns, pid_tgid, rd, read_ct_tuple, scratch_event,
     slot_get, slot_set, ARGS,
 };
 
@@ -57,7 +57,7 @@ fn on_clash(skb: u64, h: u64, ret: u64) -> Result<(), i32> {
     let loser: u64 = rd::<u64>(skb, conf!(skb_nfct)).unwrap_or(0) & NFCT_PTRMASK;
     let net: u64 = rd(loser, conf!(conn_net)).unwrap_or(0);
     ev.netns = net_inum(net);
-    aggregate(ev);
-    emit(ev);
+    let first = aggregate(ev);
+    emit_budgeted(ev, first);
     Ok(())
 }

@@ -1,10 +1,20 @@
-//! `ctwatch doctor` (being written).
+//! `ctwatch doctor`: measure (optionally watching the kernel for a while),
+//! then print findings ranked by urgency with the commands that fix them.
 use crate::{
     cli::{DoctorArgs, Settings},
+    doctor,
     error::Error,
+    views::{doctor as view, json},
 };
 
 pub async fn run(settings: &Settings, args: &DoctorArgs) -> Result<(), Error> {
-    let _ = (settings, args);
-    Err(Error::Unimplemented("doctor"))
+    let stop = super::stop_requested()?;
+    let m = doctor::measure(settings, args, stop).await?;
+    let report = doctor::Report::new(m);
+    if args.json {
+        println!("{}", json::line(&report));
+    } else {
+        print!("{}", view::report(&report));
+    }
+    Ok(())
 }

@@ -9,10 +9,15 @@ use crate::{
     aggregate::{BreakdownBuilder, Rate},
     cli::Settings,
     error::Error,
-    event::{self, AggRecord, Kind},
+    event::{self, Kind},
+    source::counts_since,
     views::{json, text},
     watch::Watch,
 };
+
+/// Records per second per CPU the kernel streams for `events` (beyond the
+/// first of each key); the rest are counted, and reported as not streamed.
+const EVENTS_BUDGET: u32 = 10_000;
 
 pub async fn run(
     settings: &Settings,
@@ -22,7 +27,14 @@ pub async fn run(
 ) -> Result<(), Error> {
     let stop = super::stop_requested()?;
     tokio::pin!(stop);
-    let mut w = Watch::start(settings, all_kinds)?;
+    // No more records than a person can read: the summaries come from the
+    // in-kernel counts, which stay exact.
+    let budget = if all_kinds {
+        EVENTS_BUDGET
+    } else {
+        max_lines.clamp(1, u32::MAX as u64) as u32
+    };
+    let mut w = Watch::start(settings, all_kinds, budget)?;
     if all_kinds && !w.loaded.mode.sees_entries() {
         return Err(Error::NeedsKernelProbes {
             what: "events",
@@ -40,7 +52,7 @@ pub async fn run(
     );
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_stats = w.source.stats()?;
-    let mut second = BreakdownBuilder::new(1024);
+    let mut last_counts = w.source.counts()?;
     let mut rate = Rate::default();
     let mut shown = 0u64;
     let mut epoch = 0u64;
@@ -53,29 +65,46 @@ pub async fn run(
                 let now = w.source.stats()?;
                 let d = now.since(&last_stats);
                 last_stats = now;
-                let drops = d.get(stat::MATCHED);
+                let counts = w.source.counts()?;
+                let delta = counts_since(&counts, &last_counts);
+                last_counts = counts;
+                let mut second = BreakdownBuilder::new(1024);
+                let mut drops = 0;
+                for (key, n) in &delta {
+                    let Ok(rec) = event::decode_key(key) else { continue };
+                    if rec.kind == Kind::Drop && w.scope.contains(rec.netns) {
+                        drops += n;
+                        let dims = w.dims(&rec);
+                        second.add(dims, *n);
+                    }
+                }
                 let lost = d.get(stat::RB_LOST);
-                if drops > shown || lost > 0 {
+                if drops > shown {
                     let b = second.finish(settings.top.min(5));
                     let s = json::SummaryLine {
                         kind: "summary",
-                        ts: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
+                        ts: SystemTime::now()
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_secs_f64(),
                         interval_s: 1.0,
                         drops,
                         shown,
+                        not_streamed: d.get(stat::SAMPLED),
                         lost_events: lost,
                         by_dst_port: b.by_dst_port,
                         by_src_ip: b.by_src_ip,
                         by_process: b.by_process,
                         by_netns: b.by_netns,
                     };
-                    if drops > shown {
-                        if as_json { println!("{}", json::line(&s)); } else { println!("{}", text::summary_line(&s)); }
-                    } else if lost > 0 {
-                        eprintln!("ctwatch: {lost} events lost to a full ring buffer in the last second");
+                    if as_json {
+                        println!("{}", json::line(&s));
+                    } else {
+                        println!("{}", text::summary_line(&s));
                     }
+                } else if lost > 0 {
+                    eprintln!("ctwatch: {lost} events lost to a full ring buffer in the last second");
                 }
-                second = BreakdownBuilder::new(1024);
                 shown = 0;
             }
             r = w.source.next_batch(&mut batch) => {
@@ -85,29 +114,20 @@ pub async fn run(
                     if (!all_kinds && rec.kind != Kind::Drop) || !w.scope.contains(rec.netns) {
                         continue;
                     }
-                    let agg = AggRecord {
-                        kind: rec.kind,
-                        role: rec.role,
-                        netns: rec.netns,
-                        proto: ev.tuple.proto,
-                        src: rec.tuple.src,
-                        dport: rec.tuple.dport,
-                        tgid: ev.pid,
-                        comm: event::comm(&ev.comm),
-                        cgroup_id: ev.cgroup_id,
-                        sock_ino: ev.sock_ino,
-                    };
-                    if rec.kind == Kind::Drop {
-                        let dims = w.dims(&agg);
-                        second.add(dims, 1);
-                    }
                     if rate.tick(epoch) > max_lines {
                         continue;
                     }
-                    shown += 1;
+                    if rec.kind == Kind::Drop {
+                        shown += 1;
+                    }
                     let name = w.netns_name(rec.netns);
                     if as_json {
-                        let l = json::DropLine { kind: kind_name(rec.kind), flow: &rec, netns_name: name, process: (&owner).into() };
+                        let l = json::DropLine {
+                            kind: kind_name(rec.kind),
+                            flow: &rec,
+                            netns_name: name,
+                            process: (&owner).into(),
+                        };
                         println!("{}", json::line(&l));
                     } else {
                         println!("{}", text::drop_line(&rec, name.as_deref(), &owner));

@@ -39,7 +39,9 @@ pub async fn run(
 ) -> Result<(), Error> {
     let stop = super::stop_requested()?;
     tokio::pin!(stop);
-    let mut w = Watch::start(settings, false)?;
+    // A report needs one record per key (to name owners while they live);
+    // the counts come from the in-kernel maps.
+    let mut w = Watch::start(settings, false, 64)?;
     let kernel_entries = w.loaded.mode.sees_entries();
     let scope_ns = w.scope.namespaces()?;
     let start_counters = reconcile::snapshot(&scope_ns);
@@ -222,6 +224,7 @@ pub async fn run(
             entries_freed: stats.get(stat::FREED),
             inserts: stats.get(stat::INSERTS),
             alloc_failures_not_full: stats.get(stat::ALLOC_ERR),
+            events_not_streamed: stats.get(stat::SAMPLED),
         },
     };
     if as_json {

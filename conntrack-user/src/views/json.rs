@@ -53,6 +53,9 @@ pub struct ReportCounters {
     /// Allocation failures with no failed early_drop before them (memory,
     /// not a full table): kept out of `drops`.
     pub alloc_failures_not_full: u64,
+    /// Per-flow records deliberately not streamed (over the per-CPU stream
+    /// budget); they are in every count all the same.
+    pub events_not_streamed: u64,
 }
 
 /// One process row as it appears on a drop line.
@@ -98,6 +101,8 @@ pub struct SummaryLine {
     pub drops: u64,
     /// Drops printed individually before the stream switched to summaries.
     pub shown: u64,
+    /// Per-flow records the kernel did not stream (over budget); counted.
+    pub not_streamed: u64,
     pub lost_events: u64,
     pub by_dst_port: Vec<Item>,
     pub by_src_ip: Vec<Item>,

@@ -79,11 +79,12 @@ fn items(list: &[Item]) -> String {
 
 pub fn summary_line(s: &SummaryLine) -> String {
     format!(
-        "{} {} table-full drops in {:.1}s ({} shown, {} events lost); top ports: {}; sources: {}; processes: {}",
+        "{} {} table-full drops in {:.1}s ({} shown, {} not streamed, {} events lost); top ports: {}; sources: {}; processes: {}",
         clock(std::time::SystemTime::now()),
         s.drops,
         s.interval_s,
         s.shown,
+        s.not_streamed,
         s.lost_events,
         items(&s.by_dst_port),
         items(&s.by_src_ip),
