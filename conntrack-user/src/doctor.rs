@@ -34,6 +34,8 @@ use crate::{
 pub enum DoctorError {
     #[error("--watch {0} is not a usable window: give seconds between 0 and one day")]
     Window(f64),
+    #[error("cannot read the conntrack counters of any namespace (netns {inum}: {reason})")]
+    Unreadable { inum: u32, reason: String },
 }
 
 /// Used when the nf_conntrack slab cannot be read: `struct nf_conn` with
@@ -1071,6 +1073,20 @@ pub async fn measure(
     let scope_ns = scope.namespaces()?;
     let init_inum = snapshot::init_netns().map(|n| n.inum);
 
+    // Attach before the first counter read, so the kernel's counters and
+    // ctwatch's cover the same window.
+    let mut w = None;
+    if args.watch > 0.0 {
+        // The per-key count maps are all the doctor reads: stream as few
+        // records as the programs allow (0 would mean unlimited).
+        match Watch::start(settings, false, 1) {
+            Ok(x) => w = Some(x),
+            Err(e) => m.notes.push(format!(
+                "eBPF did not load ({}); judged from the kernel's counters only",
+                crate::loader::chain(&e)
+            )),
+        }
+    }
     let mut peaks: HashMap<u32, u64> = HashMap::new();
     let start = reconcile::snapshot(&scope_ns);
     for (inum, s) in &start {
@@ -1086,18 +1102,6 @@ pub async fn measure(
     let mut sees_new = false;
     if args.watch > 0.0 {
         let secs = args.watch;
-        // The per-key count maps are all the doctor reads: stream as few
-        // records as the programs allow (0 would mean unlimited).
-        let mut w = match Watch::start(settings, false, 1) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                m.notes.push(format!(
-                    "eBPF did not load ({}); judged from the kernel's counters only",
-                    crate::loader::chain(&e)
-                ));
-                None
-            }
-        };
         let before: Option<HashMap<AggKey, u64>> = match &w {
             Some(w) => Some(w.source.counts()?),
             None => None,
@@ -1180,6 +1184,15 @@ pub async fn measure(
         start.clone()
     };
 
+    // Judging nothing would read as "healthy": say what is missing instead.
+    if !end.values().any(|e| e.sysctl.is_some()) {
+        if let Some((inum, reason)) = end
+            .iter()
+            .find_map(|(i, e)| e.error.as_ref().map(|r| (*i, r.clone())))
+        {
+            return Err(DoctorError::Unreadable { inum, reason }.into());
+        }
+    }
     let mut attributor = Attributor::new();
     for ns in &end_ns {
         let Some(e) = end.get(&ns.inum) else { continue };

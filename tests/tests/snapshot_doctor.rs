@@ -85,8 +85,9 @@ fn json_once(args: &[&str]) -> Value {
 #[test]
 fn snapshot_matches_conntrack_list() {
     require_env!();
-    const TCP: usize = 24;
-    const UDP: usize = 10;
+    // Small enough to fit a max another suite lowered to 16 meanwhile.
+    const TCP: usize = 10;
+    const UDP: usize = 5;
     let lab = Lab::new("snap", false);
     let _held = lab.fill(TCP, HOLD_PORT);
     let _listener = lab
@@ -238,6 +239,10 @@ fn doctor_names_full_table_and_flooding_port() {
         quick["findings"][0]["severity"], "critical",
         "ranked first: {quick}"
     );
+    // Unnarrowed, every namespace is judged and the lab is among them
+    // (other suites' namespaces may come and go meanwhile).
+    let everyone = json_once(&["doctor", "--json", "--watch", "0"]);
+    finding_for(&everyone, inum, "critical");
 
     let before = lab.srv.kernel_drops();
     let t0 = Instant::now();
@@ -311,6 +316,11 @@ fn doctor_names_full_table_and_flooding_port() {
     );
     assert!(evidence.contains(&format!("udp/{UDP_PORT}")), "{evidence}");
     assert_eq!(doc["window"]["mode"], mode(), "{doc}");
+    let measured = netns_row(&doc, inum);
+    assert_eq!(measured["drops_window"], kernel, "{measured}");
+    assert_eq!(measured["full_drops_seen"], kernel, "{measured}");
+    assert_eq!(measured["refused"]["port"]["port"], UDP_PORT, "{measured}");
+    assert_eq!(measured["refused"]["port"]["role"], "inbound", "{measured}");
 
     // The suggested rule is valid nft and takes the port out of tracking.
     lab.srv.exec(&[

@@ -264,7 +264,8 @@ fn footer(f: &mut Frame, area: Rect, m: &Model, now: f64) {
     ];
     if let Some(fr) = ft.freed_per_s {
         spans.push(Span::raw("  ·  "));
-        spans.push(Span::styled("freed ", bold()));
+        // The kernel-probe counter is host-wide, not per namespace.
+        spans.push(Span::styled("freed (all netns) ", bold()));
         spans.push(Span::raw(format!("{}/s", fmt_num(fr))));
     }
     spans.push(Span::raw("  ·  "));
@@ -288,7 +289,13 @@ fn footer(f: &mut Frame, area: Rect, m: &Model, now: f64) {
     };
     let mut lines = vec![Line::from(spans), Line::styled(source, dim())];
     if let Some(n) = m.status.notes.last() {
-        lines.push(Line::styled(n.clone(), Style::default().fg(Color::Yellow)));
+        let more = m.status.notes.len() - 1;
+        let text = if more > 0 {
+            format!("{n} (+{more} more)")
+        } else {
+            n.clone()
+        };
+        lines.push(Line::styled(text, Style::default().fg(Color::Yellow)));
     }
     f.render_widget(Paragraph::new(lines), area);
 }
@@ -549,6 +556,62 @@ mod tests {
             section(&lines, "Victims:")
                 .iter()
                 .any(|l| l.contains("(no listener)")),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn kernel_probe_mode_shows_creation_rates_and_notes() {
+        let mut m = Model::new(5, true, false);
+        m.status.mode = "kprobe".into();
+        let web = keys(
+            "nginx[12] listener · docker web",
+            "tcp/80",
+            "198.18.0.9",
+            "4026532300",
+        );
+        let mut a = ns(4026532300, 100, 1000);
+        a.created = Some(0);
+        m.push(Tick {
+            t: 0.0,
+            namespaces: vec![a.clone()],
+            totals: Totals {
+                lost_events: 0,
+                freed: Some(0),
+            },
+            ..Default::default()
+        });
+        a.created = Some(300);
+        a.count = Some(200);
+        m.push(Tick {
+            t: 1.0,
+            namespaces: vec![a],
+            created: vec![(web.clone(), 300)],
+            totals: Totals {
+                lost_events: 2,
+                freed: Some(200),
+            },
+            ..Default::default()
+        });
+        m.set_occupancy(1.0, vec![(web, 200)]);
+        m.status.notes = vec!["netns 1: gone".into(), "netns 2: no ctnetlink dump".into()];
+        let lines = screen(&m, 160, 50, 1.5);
+        let all = lines.join("\n");
+        let ns_row = lines.iter().find(|l| l.contains("4026532300")).expect(&all);
+        // 300 created, count +100: 200 freed; 800 left at +100/s.
+        for cell in ["200/1000", "300", "200", "+100", "8s"] {
+            assert!(ns_row.contains(cell), "{cell}: {ns_row}");
+        }
+        let new = section(&lines, "Culprits: new entries/s");
+        assert!(
+            new.iter()
+                .any(|l| l.contains("nginx[12] listener · docker web")),
+            "{all}"
+        );
+        assert!(all.contains("freed (all netns) 200/s"), "{all}");
+        assert!(all.contains("lost events 2"), "{all}");
+        assert!(
+            all.contains("netns 2: no ctnetlink dump (+1 more)"),
             "{all}"
         );
     }
