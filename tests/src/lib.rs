@@ -269,16 +269,30 @@ impl Lab {
 /// use it must run serially (`--test-threads=1`).
 pub struct MaxGuard {
     old: String,
+    /// Held for the guard's life: concurrent test runs (two suites, or two
+    /// engineers) wait here instead of restoring each other's values.
+    _lock: std::fs::File,
 }
 
 const MAX_PATH: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
 
 impl MaxGuard {
     pub fn set(max: u64) -> Self {
+        use std::os::fd::AsRawFd;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/run/ctwatch-test-max.lock")
+            .expect("open the nf_conntrack_max lock");
+        // SAFETY: flock on an fd we own; released when the file closes,
+        // after Drop has restored the old value.
+        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
         let old = std::fs::read_to_string(MAX_PATH).expect("read nf_conntrack_max");
         std::fs::write(MAX_PATH, max.to_string()).expect("write nf_conntrack_max");
         MaxGuard {
             old: old.trim().to_string(),
+            _lock: lock,
         }
     }
 }

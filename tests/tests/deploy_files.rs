@@ -6,7 +6,9 @@ use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
 
 fn deploy(file: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(file);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(file);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -37,7 +39,11 @@ fn daemonset() -> Yaml {
 
 fn strings(v: &Yaml) -> Vec<String> {
     v.as_sequence()
-        .map(|s| s.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+        .map(|s| {
+            s.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -50,7 +56,9 @@ fn daemonset_runs_serve_on_every_node_with_host_views() {
     assert_eq!(spec["hostNetwork"], true, "hostNetwork");
     let tolerations = spec["tolerations"].as_sequence().expect("tolerations");
     assert!(
-        tolerations.iter().any(|t| t["operator"] == "Exists" && t.get("key").is_none()),
+        tolerations
+            .iter()
+            .any(|t| t["operator"] == "Exists" && t.get("key").is_none()),
         "a toleration for every taint: {tolerations:?}"
     );
     let selector = &ds["spec"]["selector"]["matchLabels"];
@@ -61,7 +69,10 @@ fn daemonset_runs_serve_on_every_node_with_host_views() {
 
     let c = &spec["containers"][0];
     let image = c["image"].as_str().expect("image");
-    assert_eq!(image, "ghcr.io/OWNER/ctwatch:VERSION", "the documented placeholder");
+    assert_eq!(
+        image, "ghcr.io/OWNER/ctwatch:VERSION",
+        "the documented placeholder"
+    );
     let args = strings(&c["args"]);
     assert_eq!(args.first().map(String::as_str), Some("serve"), "{args:?}");
     let listen = args.iter().position(|a| a == "--listen").expect("--listen");
@@ -69,9 +80,15 @@ fn daemonset_runs_serve_on_every_node_with_host_views() {
 
     let caps = strings(&c["securityContext"]["capabilities"]["add"]);
     for cap in ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN"] {
-        assert!(caps.iter().any(|c| c == cap), "capability {cap} missing: {caps:?}");
+        assert!(
+            caps.iter().any(|c| c == cap),
+            "capability {cap} missing: {caps:?}"
+        );
     }
-    assert_ne!(c["securityContext"]["privileged"], true, "capabilities, not privileged");
+    assert_ne!(
+        c["securityContext"]["privileged"], true,
+        "capabilities, not privileged"
+    );
 
     for kind in ["requests", "limits"] {
         for res in ["cpu", "memory"] {
@@ -88,7 +105,9 @@ fn daemonset_mounts_what_ctwatch_reads() {
     let ds = daemonset();
     let spec = &ds["spec"]["template"]["spec"];
     let volumes = spec["volumes"].as_sequence().expect("volumes");
-    let mounts = spec["containers"][0]["volumeMounts"].as_sequence().expect("volumeMounts");
+    let mounts = spec["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .expect("volumeMounts");
     for host in ["/sys/kernel/btf", "/sys/fs/bpf", "/proc", "/run/netns"] {
         let vol = volumes
             .iter()
@@ -115,13 +134,19 @@ fn daemonset_is_scraped_where_it_listens() {
 #[test]
 fn daemonset_namespace_is_created_first() {
     let docs = manifests();
-    let ds_ns = daemonset()["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+    let ds_ns = daemonset()["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("default")
+        .to_string();
     if ds_ns != "kube-system" && ds_ns != "default" {
         let pos_ns = docs
             .iter()
             .position(|d| d["kind"] == "Namespace" && d["metadata"]["name"] == ds_ns.as_str());
         let pos_ds = docs.iter().position(|d| d["kind"] == "DaemonSet");
-        assert!(pos_ns.is_some() && pos_ns < pos_ds, "Namespace {ds_ns} must come before the DaemonSet");
+        assert!(
+            pos_ns.is_some() && pos_ns < pos_ds,
+            "Namespace {ds_ns} must come before the DaemonSet"
+        );
     }
 }
 
@@ -160,22 +185,31 @@ fn dashboard_panels_use_the_exported_series() {
     assert_eq!(ids.len(), n, "panel ids are unique");
     for p in &all {
         let g = &p["gridPos"];
-        assert!(g["w"].as_u64().is_some() && g["h"].as_u64().is_some(), "gridPos of {}", p["title"]);
+        assert!(
+            g["w"].as_u64().is_some() && g["h"].as_u64().is_some(),
+            "gridPos of {}",
+            p["title"]
+        );
     }
     let has = |f: &dyn Fn(&str) -> bool| all.iter().any(|p| exprs(p).into_iter().any(f));
     // Table fill: entries over limit.
-    assert!(has(&|e| e.contains("ctwatch_nf_conntrack_entries") && e.contains("ctwatch_nf_conntrack_entries_limit")));
+    assert!(has(&|e| e.contains("ctwatch_nf_conntrack_entries")
+        && e.contains("ctwatch_nf_conntrack_entries_limit")));
     // Drops/s: the kernel's counter and ctwatch's table-full count.
-    assert!(has(&|e| e.contains("rate(ctwatch_nf_conntrack_stat_drop_total")));
+    assert!(has(
+        &|e| e.contains("rate(ctwatch_nf_conntrack_stat_drop_total")
+    ));
     assert!(has(&|e| e.contains("rate(ctwatch_table_full_drops_total")));
     // Culprits and victims.
     for dim in ["dst_port", "src_ip", "process"] {
         assert!(
-            has(&|e| e.contains("ctwatch_entries_by{") && e.contains(&format!("dimension=\"{dim}\""))),
+            has(&|e| e.contains("ctwatch_entries_by{")
+                && e.contains(&format!("dimension=\"{dim}\""))),
             "culprits by {dim}"
         );
         assert!(
-            has(&|e| e.contains("ctwatch_table_full_drops_by_total{") && e.contains(&format!("dimension=\"{dim}\""))),
+            has(&|e| e.contains("ctwatch_table_full_drops_by_total{")
+                && e.contains(&format!("dimension=\"{dim}\""))),
             "victims by {dim}"
         );
     }

@@ -37,12 +37,17 @@ fn get_raw(url: &str) -> (u32, String) {
     let rest = url.strip_prefix("http://").expect("http URL");
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let mut s = std::net::TcpStream::connect(host).unwrap_or_else(|e| panic!("{host}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").expect("request");
     let mut resp = String::new();
     s.read_to_string(&mut resp).expect("response");
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     (code, body.to_string())
 }
 
@@ -94,7 +99,8 @@ fn table_full_drops_match_the_kernel_counter() {
     let ns = format!("netns=\"{}\"", lab.srv.inum());
     let name = format!("netns_name=\"{}\"", lab.srv.name);
 
-    lab.cli.peer_run(&["udp-send", "198.18.0.1:5353", &N.to_string()]);
+    lab.cli
+        .peer_run(&["udp-send", "198.18.0.1:5353", &N.to_string()]);
     let kernel = (lab.srv.kernel_drops() - before) as f64;
     assert_eq!(kernel, N as f64, "kernel drop counter");
 
@@ -137,7 +143,10 @@ fn table_full_drops_match_the_kernel_counter() {
         value(
             &text,
             "ctwatch_table_full_drops_by_total",
-            &["dimension=\"process\"", &format!("key=\"ctpeer[{}]\"", listener.pid)]
+            &[
+                "dimension=\"process\"",
+                &format!("key=\"ctpeer[{}]\"", listener.pid)
+            ]
         ),
         Some(kernel),
         "{text}"
@@ -148,16 +157,35 @@ fn table_full_drops_match_the_kernel_counter() {
         Some(lab.srv.kernel_drops() as f64),
         "{text}"
     );
-    assert_eq!(value(&text, "ctwatch_nf_conntrack_entries", &[&ns]), Some(MAX as f64), "{text}");
-    assert_eq!(value(&text, "ctwatch_nf_conntrack_entries_limit", &[&ns]), Some(MAX as f64), "{text}");
-    assert!(value(&text, "ctwatch_nf_conntrack_buckets", &[&ns]).unwrap_or(0.0) > 0.0, "{text}");
-    // Culprits: the held TCP entries, by port and by source.
     assert_eq!(
-        value(&text, "ctwatch_entries_by", &["dimension=\"dst_port\"", "key=\"tcp/7400\""]),
+        value(&text, "ctwatch_nf_conntrack_entries", &[&ns]),
         Some(MAX as f64),
         "{text}"
     );
-    assert_eq!(value(&text, "ctwatch_lost_events_total", &[]), Some(0.0), "{text}");
+    assert_eq!(
+        value(&text, "ctwatch_nf_conntrack_entries_limit", &[&ns]),
+        Some(MAX as f64),
+        "{text}"
+    );
+    assert!(
+        value(&text, "ctwatch_nf_conntrack_buckets", &[&ns]).unwrap_or(0.0) > 0.0,
+        "{text}"
+    );
+    // Culprits: the held TCP entries, by port and by source.
+    assert_eq!(
+        value(
+            &text,
+            "ctwatch_entries_by",
+            &["dimension=\"dst_port\"", "key=\"tcp/7400\""]
+        ),
+        Some(MAX as f64),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "ctwatch_lost_events_total", &[]),
+        Some(0.0),
+        "{text}"
+    );
     assert_eq!(
         value(&text, "ctwatch_info", &[&format!("mode=\"{}\"", mode())]),
         Some(1.0),
@@ -195,7 +223,8 @@ fn top_k_stays_bounded_with_many_victim_ports() {
     // Twelve ports, one of them much busier: top 5 plus "other".
     lab.cli.peer_run(&["udp-send", "198.18.0.1:6000", "60"]);
     for p in 6001..6012 {
-        lab.cli.peer_run(&["udp-send", &format!("198.18.0.1:{p}"), "3"]);
+        lab.cli
+            .peer_run(&["udp-send", &format!("198.18.0.1:{p}"), "3"]);
     }
     let total = 60.0 + 11.0 * 3.0;
     let url = format!("http://{addr}/metrics");
@@ -218,12 +247,20 @@ fn top_k_stays_bounded_with_many_victim_ports() {
         .collect();
     assert_eq!(ports.len(), 6, "top 5 plus other:\n{text}");
     assert_eq!(
-        value(&text, "ctwatch_table_full_drops_by_total", &["dimension=\"dst_port\"", "key=\"udp/6000\""]),
+        value(
+            &text,
+            "ctwatch_table_full_drops_by_total",
+            &["dimension=\"dst_port\"", "key=\"udp/6000\""]
+        ),
         Some(60.0),
         "{text}"
     );
     assert_eq!(
-        value(&text, "ctwatch_table_full_drops_by_total", &["dimension=\"dst_port\"", "key=\"other\""]),
+        value(
+            &text,
+            "ctwatch_table_full_drops_by_total",
+            &["dimension=\"dst_port\"", "key=\"other\""]
+        ),
         Some(7.0 * 3.0),
         "{text}"
     );

@@ -14,18 +14,21 @@ const HOLD_PORT: u16 = 7400;
 /// Whether tmux runs here; where privileged tests are required, its
 /// absence is a failure rather than a skip.
 fn have_tmux() -> bool {
-    let ok = Command::new("tmux")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CTWATCH_REQUIRE_PRIVILEGED").is_none(),
-            "tmux is not installed (cargo xtask setup installs it)"
-        );
-        eprintln!("SKIP top_tmux: tmux is not installed (cargo xtask setup installs it)");
-    }
-    ok
+    let why = match Command::new("tmux").arg("-V").output() {
+        Ok(o) if o.status.success() => return true,
+        // tmux refuses to start without a UTF-8 locale, for one.
+        Ok(o) => format!(
+            "tmux does not run: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(_) => "tmux is not installed (cargo xtask setup installs it)".to_string(),
+    };
+    assert!(
+        std::env::var_os("CTWATCH_REQUIRE_PRIVILEGED").is_none(),
+        "{why}"
+    );
+    eprintln!("SKIP top_tmux: {why}");
+    false
 }
 
 /// A tmux server of our own (its own socket, no user config), killed on drop

@@ -10,7 +10,7 @@ use std::{
 fn usage() -> ! {
     eprintln!(
         "usage: ctpeer udp-listen ADDR:PORT | tcp-listen ADDR:PORT | tcp-hold ADDR:PORT N | \
-         udp-send ADDR:PORT N | udp-flood ADDR:PORT MILLIS | tcp-syn ADDR:PORT N"
+         udp-send ADDR:PORT N [SPREAD] | udp-flood ADDR:PORT MILLIS | tcp-syn ADDR:PORT N"
     );
     std::process::exit(2)
 }
@@ -65,18 +65,19 @@ fn main() {
             park();
         }
         "udp-send" => {
-            // One socket per datagram: every datagram is a new flow.
+            // One socket per datagram: every datagram is a new flow. An
+            // optional SPREAD cycles the destination port over PORT..PORT+SPREAD,
+            // for more flows than one source has ephemeral ports.
+            let spread: u16 = args.get(3).map(|s| s.parse().unwrap_or_else(|_| usage())).unwrap_or(1).max(1);
             let (mut ok, mut eperm, mut other) = (0, 0, 0);
-            let bind: SocketAddr = if addr.is_ipv4() {
-                "0.0.0.0:0"
-            } else {
-                "[::]:0"
-            }
-            .parse()
-            .unwrap();
-            for _ in 0..n {
+            let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+                .parse()
+                .unwrap();
+            for i in 0..n {
                 let s = UdpSocket::bind(bind).expect("bind");
-                match s.send_to(b"ctwatch", addr) {
+                let mut to = addr;
+                to.set_port(addr.port().wrapping_add((i % spread as usize) as u16));
+                match s.send_to(b"ctwatch", to) {
                     Ok(_) => ok += 1,
                     Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
                     Err(_) => other += 1,
