@@ -194,10 +194,9 @@ impl Metrics {
     /// exist only in the modes that see entries: in tracepoint mode a
     /// constant 0 would claim "no evictions" where ctwatch simply cannot see.
     pub fn new(mode: Mode, kernel: &str) -> Self {
-        let mut registry = Registry::default();
         let fam_ns = Family::<NetnsLabels, Gauge>::default;
         let cnt_ns = Family::<NetnsLabels, Counter>::default;
-        let m = Metrics {
+        let mut m = Metrics {
             registry: Registry::default(),
             consistent: Mutex::new(()),
             entries: fam_ns(),
@@ -214,7 +213,7 @@ impl Metrics {
             entries_by: Family::default(),
             new_entries_by: mode.sees_entries().then(Family::default),
         };
-        registry.register(
+        m.registry.register(
             "ctwatch",
             "ctwatch attach mode and kernel release",
             Info::new(vec![
@@ -222,74 +221,75 @@ impl Metrics {
                 ("kernel".to_string(), kernel.to_string()),
             ]),
         );
-        registry.register(
+        m.registry.register(
             "ctwatch_nf_conntrack_entries",
             "Conntrack entries in the namespace (nf_conntrack_count)",
             m.entries.clone(),
         );
-        registry.register(
+        m.registry.register(
             "ctwatch_nf_conntrack_entries_limit",
             "Table size of the namespace (nf_conntrack_max)",
             m.entries_limit.clone(),
         );
-        registry.register(
+        m.registry.register(
             "ctwatch_nf_conntrack_buckets",
             "Hash buckets of the table (nf_conntrack_buckets)",
             m.buckets.clone(),
         );
-        registry.register(
+        m.registry.register(
             "ctwatch_nf_conntrack_stat_drop",
             "Kernel conntrack drop counter of the namespace (any conntrack drop, not only table full)",
             m.stat_drop.clone(),
         );
-        registry.register(
+        m.registry.register(
             "ctwatch_nf_conntrack_stat_early_drop",
             "Kernel count of entries evicted to make room (early_drop)",
             m.stat_early_drop.clone(),
         );
-        registry.register(
+        m.registry.register(
             "ctwatch_nf_conntrack_stat_insert_failed",
             "Kernel count of failed inserts (clashes lost)",
             m.stat_insert_failed.clone(),
         );
-        registry.register(
+        m.registry.register(
             "ctwatch_table_full_drops",
             "Packets dropped because the table was full, seen by ctwatch since it started",
             m.table_full_drops.clone(),
         );
-        registry.register(
+        m.registry.register(
             "ctwatch_lost_events",
             "Events lost to a full ring buffer or refused by the decoder since start",
             m.lost_events.clone(),
         );
         if let Some(c) = &m.evictions {
-            registry.register(
+            m.registry.register(
                 "ctwatch_evictions",
                 "Entries evicted by early_drop since start",
                 c.clone(),
             );
         }
         if let Some(c) = &m.clashes {
-            registry.register("ctwatch_clashes", "Insert clashes since start", c.clone());
+            m.registry
+                .register("ctwatch_clashes", "Insert clashes since start", c.clone());
         }
-        registry.register(
+        m.registry.register(
             "ctwatch_table_full_drops_by",
             "Table-full drops since start by victim, top K per dimension, the rest under key=\"other\"",
             m.drops_by.clone(),
         );
-        registry.register(
+        m.registry.register(
             "ctwatch_entries_by",
             "Entries held now by culprit, top K per dimension, the rest under key=\"other\"",
             m.entries_by.clone(),
         );
         if let Some(f) = &m.new_entries_by {
-            registry.register(
+            m.registry.register(
                 "ctwatch_new_entries_by",
                 "Entries created since start by culprit, top K per dimension, the rest under key=\"other\"",
                 f.clone(),
             );
         }
-        Metrics { registry, ..m }
+        m
     }
 
     /// Replaces every series with the values of `s`.

@@ -141,6 +141,7 @@ pub fn ensure_test_tools() -> Result<()> {
         ("bpftool", "bpftool"),
         ("conntrack", "conntrack"),
         ("tmux", "tmux"),
+        ("curl", "curl"),
     ];
     let missing: Vec<&str> = wanted
         .iter()
