@@ -87,6 +87,8 @@ pub struct Watch {
     /// the window is still named.
     owners: HashMap<OwnerKey, RowKey>,
     names: HashMap<u32, Option<String>>,
+    cgroups: crate::cgroups::Cgroups,
+    cgroup_names: HashMap<u64, String>,
 }
 
 /// Bound on remembered owners; past it, rows are resolved on demand only.
@@ -110,6 +112,8 @@ impl Watch {
             attributor: Attributor::new(),
             owners: HashMap::new(),
             names: HashMap::new(),
+            cgroups: crate::cgroups::Cgroups::default(),
+            cgroup_names: HashMap::new(),
         })
     }
 
@@ -249,7 +253,24 @@ impl Watch {
             dst_port: format!("{}/{}", event::proto_name(rec.proto), rec.dport),
             process: self.process_row(rec),
             netns: rec.netns.to_string(),
-            cgroup: (rec.cgroup_id != 0).then(|| rec.cgroup_id.to_string()),
+            cgroup: (rec.cgroup_id != 0).then(|| self.cgroup_name(rec.cgroup_id)),
         }
+    }
+
+    /// Container label (pod, docker, containerd...) or cgroup path of a
+    /// cgroup v2 id; the bare id when neither can be found.
+    pub fn cgroup_name(&mut self, id: u64) -> String {
+        if let Some(n) = self.cgroup_names.get(&id) {
+            return n.clone();
+        }
+        let name = self
+            .cgroups
+            .label_of_id(id)
+            .or_else(|| self.cgroups.path_of(id))
+            .unwrap_or_else(|| format!("cgroup {id}"));
+        if self.cgroup_names.len() < OWNER_CACHE {
+            self.cgroup_names.insert(id, name.clone());
+        }
+        name
     }
 }
