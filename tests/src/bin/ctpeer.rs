@@ -74,6 +74,11 @@ fn main() {
                 .parse()
                 .unwrap();
             for i in 0..n {
+                if i % 256 == 255 {
+                    // Let the receiving softirq keep up: a veth backlog
+                    // overflow would drop datagrams before conntrack sees them.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 let s = UdpSocket::bind(bind).expect("bind");
                 let mut to = addr;
                 to.set_port(addr.port().wrapping_add((i % spread as usize) as u16));
