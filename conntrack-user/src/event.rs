@@ -255,7 +255,10 @@ mod tests {
         assert_eq!((r.tuple.sport, r.tuple.dport), (40000, 5353));
         assert_eq!(r.task, None, "inbound packets carry no task");
         let json = serde_json::to_value(&r).unwrap();
-        assert!(json.get("kind").is_none(), "the views publish the kind as `type`");
+        assert!(
+            json.get("kind").is_none(),
+            "the views publish the kind as `type`"
+        );
         assert_eq!(json["role"], "inbound");
         assert_eq!(json["ifindex_in"], 7);
         assert!(json.get("ifindex_out").is_none());

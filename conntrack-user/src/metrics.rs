@@ -12,7 +12,7 @@ use std::{
     sync::{Mutex, PoisonError},
 };
 
-use conntrack_ebpf::{kind, stat, AggKey};
+use conntrack_ebpf::{stat, AggKey};
 use prometheus_client::{
     encoding::{prometheus_text, text, EncodeLabelSet},
     metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
@@ -25,9 +25,8 @@ use crate::{
     counters::{CtStats, Sysctl},
     ctnetlink,
     error::Error,
-    event::{self, AggRecord, Kind},
     netns::NetnsInfo,
-    occupancy::{Seed, SeedKey},
+    occupancy::{self, Held},
     reconcile,
     source::{counts_since, KernelStats},
     watch::Watch,
@@ -415,10 +414,8 @@ pub struct Refresher {
     kernel_entries: bool,
     counts_start: HashMap<AggKey, u64>,
     stats_start: KernelStats,
-    /// Entries from before attach (kernel-probe modes), minus their frees.
-    seed: Seed,
-    /// Counts at the last application of seed frees.
-    seed_free_last: HashMap<AggKey, u64>,
+    /// Entries held (kernel-probe modes): seed at start plus the kernel's.
+    held: Option<Held>,
 }
 
 impl Refresher {
@@ -428,22 +425,18 @@ impl Refresher {
         let kernel_entries = w.loaded.mode.sees_entries();
         let counts_start = w.source.counts()?;
         let stats_start = w.source.stats()?;
-        let mut seed = Seed::default();
-        let mut seed_free_last = HashMap::new();
-        if kernel_entries {
+        let held = if kernel_entries {
             let scope = w.scope.namespaces()?;
-            let dumps = dump_all(&scope);
-            let known = w.source.live_flows();
-            seed = Seed::from_dumps(dumps.iter().map(|(n, e)| (*n, e.as_slice())), &known);
-            seed_free_last = w.source.counts()?;
-        }
+            Some(Held::seed(&w.source, &dump_all(&scope))?)
+        } else {
+            None
+        };
         Ok(Refresher {
             top,
             kernel_entries,
             counts_start,
             stats_start,
-            seed,
-            seed_free_last,
+            held,
         })
     }
 
@@ -460,32 +453,9 @@ impl Refresher {
         });
         let counters = reconcile::snapshot(&scope_ns);
 
-        let mut drops = BreakdownBuilder::default();
-        let mut new_flows = BreakdownBuilder::default();
-        let mut per_ns: HashMap<u32, u64> = HashMap::new();
-        let mut attributed = 0u64;
-        for (key, n) in &deltas {
-            let rec = match event::decode_key(key) {
-                Ok(r) => r,
-                Err(_) => continue,
-            };
-            if rec.kind == Kind::Drop {
-                attributed += n;
-            }
-            if !w.scope.contains(rec.netns) {
-                continue;
-            }
-            let target = match rec.kind {
-                Kind::Drop => {
-                    *per_ns.entry(rec.netns).or_default() += n;
-                    &mut drops
-                }
-                Kind::New => &mut new_flows,
-                _ => continue,
-            };
-            let dims = w.dims(&rec);
-            target.add(dims, *n);
-        }
+        let tally = w.tally(&deltas);
+        let (mut drops, new_flows, per_ns) = (tally.drops, tally.new_flows, tally.drops_per_netns);
+        let attributed = tally.drops_keyed;
         // Drops the kernel counted but could not key (aggregation map full,
         // unreadable headers) belong to no namespace: "other", unless the
         // scope is narrowed and they may well be someone else's.
@@ -493,29 +463,9 @@ impl Refresher {
             drops.add_unattributed(stats.get(stat::MATCHED).saturating_sub(attributed));
         }
 
-        let entries_by = if self.kernel_entries {
-            let frees = counts_since(&counts_now, &self.seed_free_last)
-                .into_iter()
-                .filter(|(k, _)| k.kind == kind::SEED_FREE)
-                .filter_map(|(k, n)| Some((SeedKey::of_record(&event::decode_key(&k).ok()?), n)));
-            self.seed.apply_frees(frees);
-            self.seed_free_last = counts_now;
-            let live = w.source.occupancy()?;
-            let records: Vec<(AggRecord, u64)> = self
-                .seed
-                .records()
-                .chain(live.iter().filter_map(|(k, n)| {
-                    Some((event::decode_key(k).ok()?, u64::try_from(*n).ok()?))
-                }))
-                .collect();
-            let mut occ = BreakdownBuilder::default();
-            for (rec, n) in records {
-                if w.scope.contains(rec.netns) {
-                    let dims = w.dims(&rec);
-                    occ.add(dims, n);
-                }
-            }
-            occ
+        let entries_by = if let Some(held) = self.held.as_mut() {
+            let records = held.now(&w.source, &counts_now)?;
+            w.breakdown_of(records)
         } else {
             // Empty tables need no dump: on a node with hundreds of pods
             // most namespaces never use conntrack.
@@ -529,15 +479,7 @@ impl Refresher {
                 })
                 .cloned()
                 .collect();
-            let mut occ = BreakdownBuilder::default();
-            for (netns, entries) in dump_all(&busy) {
-                let seed = Seed::from_dumps([(netns, entries.as_slice())], &Default::default());
-                for (rec, n) in seed.records() {
-                    let dims = w.dims(&rec);
-                    occ.add(dims, n);
-                }
-            }
-            occ
+            w.breakdown_of(occupancy::from_dumps(&dump_all(&busy)))
         };
 
         let mut netns: Vec<NetnsSample> = scope_ns

@@ -5,11 +5,12 @@ use std::{
     net::IpAddr,
 };
 
-use conntrack_ebpf::FlowTuple;
+use conntrack_ebpf::{AggKey, FlowTuple};
 
 use crate::{
     ctnetlink::CtEntry,
     event::{self, AggRecord, Kind, Role},
+    source::{counts_since, KernelSource, SourceError},
 };
 
 /// What an entry from before attach is counted under: the same parts of the
@@ -135,6 +136,64 @@ impl Seed {
             )
         })
     }
+}
+
+/// Entries held per key in the kernel-probe modes: a seed from one dump
+/// per namespace right after attach, kept current by the kernel's frees of
+/// those entries, plus the kernel's live occupancy of entries created
+/// since. The one place `report`, `top` and `serve` get occupancy from.
+#[derive(Debug, Default)]
+pub struct Held {
+    seed: Seed,
+    /// Counts when seed frees were last applied.
+    frees_applied: HashMap<AggKey, u64>,
+}
+
+impl Held {
+    /// Call right after attach, with one dump per namespace in scope.
+    pub fn seed(source: &KernelSource, dumps: &[(u32, Vec<CtEntry>)]) -> Result<Self, SourceError> {
+        let known = source.live_flows();
+        let seed = Seed::from_dumps(dumps.iter().map(|(n, e)| (*n, e.as_slice())), &known);
+        Ok(Held {
+            seed,
+            frees_applied: source.counts()?,
+        })
+    }
+
+    /// Every key held now with its count, after applying the frees of
+    /// pre-existing entries counted since the last call.
+    pub fn now(
+        &mut self,
+        source: &KernelSource,
+        counts_now: &HashMap<AggKey, u64>,
+    ) -> Result<Vec<(AggRecord, u64)>, SourceError> {
+        let frees = counts_since(counts_now, &self.frees_applied)
+            .into_iter()
+            .filter(|(k, _)| k.kind == conntrack_ebpf::kind::SEED_FREE)
+            .filter_map(|(k, n)| Some((SeedKey::of_record(&event::decode_key(&k).ok()?), n)));
+        self.seed.apply_frees(frees);
+        self.frees_applied = counts_now.clone();
+        let live = source.occupancy()?;
+        Ok(self
+            .seed
+            .records()
+            .chain(
+                live.into_iter().filter_map(|(k, n)| {
+                    Some((event::decode_key(&k).ok()?, u64::try_from(n).ok()?))
+                }),
+            )
+            .collect())
+    }
+}
+
+/// Entries held per key from plain dumps (tracepoint mode).
+pub fn from_dumps(dumps: &[(u32, Vec<CtEntry>)]) -> Vec<(AggRecord, u64)> {
+    Seed::from_dumps(
+        dumps.iter().map(|(n, e)| (*n, e.as_slice())),
+        &HashSet::new(),
+    )
+    .records()
+    .collect()
 }
 
 #[cfg(test)]

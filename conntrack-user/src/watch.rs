@@ -2,14 +2,14 @@
 //! namespaces in scope and the attribution of kernel keys to rows.
 use std::collections::{HashMap, HashSet};
 
-use conntrack_ebpf::FlowEvent;
+use conntrack_ebpf::{AggKey, FlowEvent};
 
 use crate::{
-    aggregate::{Dims, RowKey},
+    aggregate::{BreakdownBuilder, Dims, RowKey},
     attribution::Attributor,
     cli::Settings,
     error::Error,
-    event::{self, AggRecord, Role},
+    event::{self, AggRecord, Kind, Role},
     loader::{self, LoadRequest, Loaded},
     netns::{self, NetnsInfo},
     source::KernelSource,
@@ -53,6 +53,21 @@ impl Scope {
         }
         Ok(netns::list()?)
     }
+}
+
+/// Count deltas broken down per kind, for the namespaces in scope.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub drops: BreakdownBuilder,
+    pub new_flows: BreakdownBuilder,
+    pub evicted: BreakdownBuilder,
+    pub clashed: BreakdownBuilder,
+    /// Table-full drops per namespace (the reconciliation's `drops_seen`).
+    pub drops_per_netns: HashMap<u32, u64>,
+    /// Table-full drops under a decodable key, in scope or not.
+    pub drops_keyed: u64,
+    /// Counts under keys the decoder refused.
+    pub unreadable: u64,
 }
 
 /// What identifies a process row before it is resolved: inbound flows go to
@@ -255,6 +270,49 @@ impl Watch {
             netns: rec.netns.to_string(),
             cgroup: (rec.cgroup_id != 0).then(|| self.cgroup_name(rec.cgroup_id)),
         }
+    }
+
+    /// Breaks count deltas (from `source::counts_since`) down per kind and
+    /// dimension, resolving owners on the way.
+    pub fn tally(&mut self, deltas: &HashMap<AggKey, u64>) -> Tally {
+        let mut t = Tally::default();
+        for (key, n) in deltas {
+            let Ok(rec) = event::decode_key(key) else {
+                t.unreadable += n;
+                continue;
+            };
+            if rec.kind == Kind::Drop {
+                t.drops_keyed += n;
+            }
+            if !self.scope.contains(rec.netns) {
+                continue;
+            }
+            let target = match rec.kind {
+                Kind::Drop => {
+                    *t.drops_per_netns.entry(rec.netns).or_default() += n;
+                    &mut t.drops
+                }
+                Kind::New => &mut t.new_flows,
+                Kind::Evict => &mut t.evicted,
+                Kind::Clash => &mut t.clashed,
+                Kind::SeedFree => continue,
+            };
+            let dims = self.dims(&rec);
+            target.add(dims, *n);
+        }
+        t
+    }
+
+    /// Adds held entries to a breakdown, keeping only namespaces in scope.
+    pub fn breakdown_of(&mut self, records: Vec<(AggRecord, u64)>) -> BreakdownBuilder {
+        let mut b = BreakdownBuilder::default();
+        for (rec, n) in records {
+            if self.scope.contains(rec.netns) {
+                let dims = self.dims(&rec);
+                b.add(dims, n);
+            }
+        }
+        b
     }
 
     /// Container label (pod, docker, containerd...) or cgroup path of a

@@ -405,7 +405,7 @@ pub fn ctwatch_once(args: &[&str]) -> (i32, String, String) {
 }
 
 /// Row of a report's `netns` list for this inode.
-pub fn netns_row<'a>(report: &'a Value, inum: u64) -> &'a Value {
+pub fn netns_row(report: &Value, inum: u64) -> &Value {
     report["netns"]
         .as_array()
         .expect("netns list")

@@ -262,8 +262,15 @@ fn nothing_stays_attached_after_exit() {
     for signal in [libc::SIGINT, libc::SIGTERM] {
         let w = Ctwatch::start(&["report", "--mode", &m, "--duration", "60"]);
         let ids = programs_held_by(w.pid);
-        assert!(!ids.is_empty(), "ctwatch should hold its programs while it runs");
-        assert_eq!(still_loaded(&ids), ids, "bpftool should list them while it runs");
+        assert!(
+            !ids.is_empty(),
+            "ctwatch should hold its programs while it runs"
+        );
+        assert_eq!(
+            still_loaded(&ids),
+            ids,
+            "bpftool should list them while it runs"
+        );
         let (code, _) = w.stop_with(signal);
         assert_eq!(code, 0, "exit after signal {signal}");
         // Teardown follows the last fd close; give deferred frees a moment.
@@ -271,7 +278,10 @@ fn nothing_stays_attached_after_exit() {
         while !still_loaded(&ids).is_empty() && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        assert!(still_loaded(&ids).is_empty(), "left attached after signal {signal}: {ids:?}");
+        assert!(
+            still_loaded(&ids).is_empty(),
+            "left attached after signal {signal}: {ids:?}"
+        );
     }
 }
 
@@ -323,11 +333,18 @@ fn flood_totals_stay_exact_when_records_are_not_streamed() {
     settle();
     let r = w.report();
     let kernel = lab.srv.kernel_drops() - before;
-    assert!(kernel > 10_000, "the flood was too small to mean anything: {kernel}");
+    assert!(
+        kernel > 10_000,
+        "the flood was too small to mean anything: {kernel}"
+    );
     assert_eq!(r["drops"]["total"], kernel, "{r}");
     assert_eq!(netns_row(&r, lab.srv.inum())["drops_seen"], kernel);
     let p = &r["drops"]["by_process"][0];
-    assert_eq!((p["key"].as_str(), p["pid"].as_u64()), (Some("ctpeer"), Some(pid as u64)), "{r}");
+    assert_eq!(
+        (p["key"].as_str(), p["pid"].as_u64()),
+        (Some("ctpeer"), Some(pid as u64)),
+        "{r}"
+    );
     // Records not streamed are counted, never silently gone.
     let not_streamed = r["counters"]["events_not_streamed"].as_u64().unwrap();
     let lost = r["lost_events"].as_u64().unwrap();

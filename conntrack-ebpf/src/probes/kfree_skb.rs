@@ -14,8 +14,8 @@ use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use conntrack_ebpf::{kind, role, stat, FlowEvent};
 
 use crate::common::{
-    aggregate, bump, conf, decode_ip, emit_budgeted, fill_task, net_inum, now_ns, rd, scratch_event,
-    sock_ino,
+    aggregate, bump, conf, decode_ip, emit_budgeted, fill_task, net_inum, now_ns, rd,
+    scratch_event, sock_ino,
 };
 
 #[raw_tracepoint(tracepoint = "kfree_skb")]

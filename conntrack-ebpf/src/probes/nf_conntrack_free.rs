@@ -10,8 +10,8 @@ use aya_ebpf::{
 use conntrack_ebpf::{kind, role, stat, FlowEvent};
 
 use crate::common::{
-    aggregate, bump, conf, emit_budgeted, key_of, net_inum, now_ns, occupy, pid_tgid, rd, read_ct_tuple,
-    scratch_event, slot_get, EARLY, LIVE,
+    aggregate, bump, conf, emit_budgeted, key_of, net_inum, now_ns, occupy, pid_tgid, rd,
+    read_ct_tuple, scratch_event, slot_get, EARLY, LIVE,
 };
 
 #[kprobe]

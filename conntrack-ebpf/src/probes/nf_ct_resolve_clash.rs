@@ -13,8 +13,8 @@ use aya_ebpf::{
 use conntrack_ebpf::{kind, stat, FlowEvent};
 
 use crate::common::{
-    aggregate, bump, conf, emit_budgeted, net_inum, now_ns, pid_tgid, rd, read_ct_tuple, scratch_event,
-    slot_get, slot_set, ARGS,
+    aggregate, bump, conf, emit_budgeted, net_inum, now_ns, pid_tgid, rd, read_ct_tuple,
+    scratch_event, slot_get, slot_set, ARGS,
 };
 
 const NF_DROP: u64 = 0;

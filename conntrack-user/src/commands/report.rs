@@ -1,16 +1,14 @@
 //! `ctwatch report`: watch for a window, then print one report.
-use std::{collections::HashMap, time::Instant};
+use std::time::Instant;
 
-use conntrack_ebpf::{stat, AggKey};
+use conntrack_ebpf::stat;
 
 use crate::{
-    aggregate::BreakdownBuilder,
     cli::Settings,
     ctnetlink,
     error::Error,
-    event::{self, AggRecord, Kind},
     netns::NetnsInfo,
-    occupancy::{Seed, SeedKey},
+    occupancy::{self, Held},
     reconcile,
     source::counts_since,
     views::{json, text},
@@ -50,14 +48,11 @@ pub async fn run(
     let mut notes = Vec::new();
     // Entries that predate attach: seeded once, then kept current by the
     // kernel's frees of pre-existing entries.
-    let mut seed = Seed::default();
-    let mut seed_free_base = HashMap::new();
-    if kernel_entries {
-        let dumps = dump_all(&scope_ns, &mut notes);
-        let known = w.source.live_flows();
-        seed = Seed::from_dumps(dumps.iter().map(|(n, e)| (*n, e.as_slice())), &known);
-        seed_free_base = w.source.counts()?;
-    }
+    let mut held = if kernel_entries {
+        Some(Held::seed(&w.source, &dump_all(&scope_ns, &mut notes))?)
+    } else {
+        None
+    };
     eprintln!(
         "{}; reporting after {:.1}s (Ctrl-C to stop early)",
         w.banner(),
@@ -102,74 +97,19 @@ pub async fn run(
     }
 
     let top = settings.top;
-    let mut drops = BreakdownBuilder::default();
-    let mut new_flows = BreakdownBuilder::default();
-    let mut evicted = BreakdownBuilder::default();
-    let mut clashed = BreakdownBuilder::default();
-    let mut seen: HashMap<u32, u64> = HashMap::new();
-    let mut unreadable = 0u64;
-    for (key, n) in &deltas {
-        let rec = match event::decode_key(key) {
-            Ok(r) => r,
-            Err(_) => {
-                unreadable += n;
-                continue;
-            }
-        };
-        if !w.scope.contains(rec.netns) {
-            continue;
-        }
-        let target = match rec.kind {
-            Kind::Drop => {
-                *seen.entry(rec.netns).or_default() += n;
-                &mut drops
-            }
-            Kind::New => &mut new_flows,
-            Kind::Evict => &mut evicted,
-            Kind::Clash => &mut clashed,
-            Kind::SeedFree => continue,
-        };
-        let dims = w.dims(&rec);
-        target.add(dims, *n);
-    }
+    let tally = w.tally(&deltas);
+    let mut drops = tally.drops;
     let overflow = stats.get(stat::AGG_OVERFLOW);
     if !w.scope.is_narrowed() {
-        drops.add_unattributed(unreadable);
+        // Known only as totals: over the in-kernel key budget, or unreadable.
+        drops.add_unattributed(stats.get(stat::MATCHED).saturating_sub(tally.drops_keyed));
     }
-
-    let mut occupancy = BreakdownBuilder::default();
-    if kernel_entries {
-        let frees = counts_since(&counts_now, &seed_free_base)
-            .into_iter()
-            .filter(|(k, _)| k.kind == conntrack_ebpf::kind::SEED_FREE)
-            .filter_map(|(k, n)| Some((SeedKey::of_record(&event::decode_key(&k).ok()?), n)));
-        seed.apply_frees(frees);
-        let live: Vec<(AggKey, i64)> = w.source.occupancy()?.into_iter().collect();
-        let records: Vec<(AggRecord, u64)> =
-            seed.records()
-                .chain(live.iter().filter_map(|(k, n)| {
-                    Some((event::decode_key(k).ok()?, u64::try_from(*n).ok()?))
-                }))
-                .collect();
-        for (rec, n) in records {
-            if w.scope.contains(rec.netns) {
-                let dims = w.dims(&rec);
-                occupancy.add(dims, n);
-            }
-        }
-    } else {
-        for (netns, entries) in dump_all(&end_ns, &mut notes) {
-            if !w.scope.contains(netns) {
-                continue;
-            }
-            for (rec, n) in
-                Seed::from_dumps([(netns, entries.as_slice())], &Default::default()).records()
-            {
-                let dims = w.dims(&rec);
-                occupancy.add(dims, n);
-            }
-        }
-    }
+    let held_now = match held.as_mut() {
+        Some(h) => h.now(&w.source, &counts_now)?,
+        None => occupancy::from_dumps(&dump_all(&end_ns, &mut notes)),
+    };
+    let occupancy = w.breakdown_of(held_now);
+    let seen = tally.drops_per_netns;
 
     let lost = stats.get(stat::RB_LOST) + w.source.malformed;
     let (netns, rec_notes) = reconcile::rows(
@@ -197,25 +137,18 @@ pub async fn run(
         duration_s: (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
         lost_events: lost,
         netns,
-        drops: {
-            let mut b = drops.finish(top);
-            // Overflowed drops are known only as a total.
-            if !w.scope.is_narrowed() && overflow > 0 {
-                b.total = b.total.max(stats.get(stat::MATCHED));
-            }
-            b
-        },
+        drops: drops.finish(top),
         occupancy: occupancy.finish(top),
         occupancy_source: if kernel_entries {
             "ctnetlink seed + kernel"
         } else {
             "ctnetlink"
         },
-        new_flows: kernel_entries.then(|| new_flows.finish(top)),
+        new_flows: kernel_entries.then(|| tally.new_flows.finish(top)),
         evictions: kernel_entries.then(|| stats.get(stat::EVICTIONS)),
         clashes: kernel_entries.then(|| stats.get(stat::CLASHES)),
-        evicted: kernel_entries.then(|| evicted.finish(top)),
-        clashed: kernel_entries.then(|| clashed.finish(top)),
+        evicted: kernel_entries.then(|| tally.evicted.finish(top)),
+        clashed: kernel_entries.then(|| tally.clashed.finish(top)),
         reconciliation: notes,
         counters: json::ReportCounters {
             netfilter_drops_any: stats.get(stat::NF_DROP_ANY),

@@ -35,7 +35,7 @@ use crate::{
     event::{self as ev, AggRecord, Kind},
     live::{self, Action, Keys, Model, NsSample, Tick, Totals},
     netns::NetnsInfo,
-    occupancy::{Seed, SeedKey},
+    occupancy::{Held, Seed},
     reconcile::{self, NetnsSnapshot},
     source::counts_since,
     views,
@@ -198,8 +198,8 @@ fn dump_seed(nss: &[NetnsInfo]) -> Dumped {
 struct Session {
     kernel_entries: bool,
     prev_counts: HashMap<AggKey, u64>,
-    /// Kernel-probe modes: entries from before attach, minus their frees.
-    seed: Seed,
+    /// Kernel-probe modes: entries held (seed at start plus the kernel's).
+    held: Option<Held>,
     created: HashMap<u32, u64>,
     full_drops: HashMap<u32, u64>,
     ns_labels: HashMap<u32, String>,
@@ -307,7 +307,7 @@ impl Session {
         let counts = w.source.counts()?;
         let deltas = counts_since(&counts, &self.prev_counts);
         self.prev_counts = counts;
-        let (mut drops, mut created, mut frees) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut drops, mut created) = (Vec::new(), Vec::new());
         for (key, n) in deltas {
             let Ok(rec) = ev::decode_key(&key) else {
                 continue;
@@ -324,8 +324,7 @@ impl Session {
                     *self.created.entry(rec.netns).or_default() += n;
                     created.push((self.keys_of(w, &rec), n));
                 }
-                Kind::SeedFree => frees.push((SeedKey::of_record(&rec), n)),
-                Kind::Evict | Kind::Clash => {}
+                Kind::SeedFree | Kind::Evict | Kind::Clash => {}
             }
         }
         let namespaces = self
@@ -363,15 +362,8 @@ impl Session {
                 freed: self.kernel_entries.then(|| stats.get(stat::FREED)),
             },
         });
-        if self.kernel_entries {
-            self.seed.apply_frees(frees);
-            let live: Vec<(AggRecord, u64)> = w
-                .source
-                .occupancy()?
-                .into_iter()
-                .filter_map(|(k, n)| Some((ev::decode_key(&k).ok()?, u64::try_from(n).ok()?)))
-                .collect();
-            let records: Vec<(AggRecord, u64)> = self.seed.records().chain(live).collect();
+        if let Some(held) = self.held.as_mut() {
+            let records = held.now(&w.source, &self.prev_counts)?;
             let items = self.occupancy_keys(w, records);
             m.set_occupancy(t, items);
         }
@@ -395,7 +387,7 @@ pub async fn run(settings: &Settings, args: &TopArgs) -> Result<(), Error> {
     let mut session = Session {
         kernel_entries,
         prev_counts: HashMap::new(),
-        seed: Seed::default(),
+        held: None,
         created: HashMap::new(),
         full_drops: HashMap::new(),
         ns_labels: HashMap::new(),
@@ -425,8 +417,7 @@ pub async fn run(settings: &Settings, args: &TopArgs) -> Result<(), Error> {
         })
         .await
         .map_err(|e| TopError::Task(e.to_string()))?;
-        let known = w.source.live_flows();
-        session.seed = Seed::from_dumps(dumps.iter().map(|(n, e)| (*n, e.as_slice())), &known);
+        session.held = Some(Held::seed(&w.source, &dumps)?);
         session.dump_notes = notes;
     }
     session.prev_counts = w.source.counts()?;

@@ -68,11 +68,19 @@ fn main() {
             // One socket per datagram: every datagram is a new flow. An
             // optional SPREAD cycles the destination port over PORT..PORT+SPREAD,
             // for more flows than one source has ephemeral ports.
-            let spread: u16 = args.get(3).map(|s| s.parse().unwrap_or_else(|_| usage())).unwrap_or(1).max(1);
+            let spread: u16 = args
+                .get(3)
+                .map(|s| s.parse().unwrap_or_else(|_| usage()))
+                .unwrap_or(1)
+                .max(1);
             let (mut ok, mut eperm, mut other) = (0, 0, 0);
-            let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
-                .parse()
-                .unwrap();
+            let bind: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            }
+            .parse()
+            .unwrap();
             for i in 0..n {
                 if i % 256 == 255 {
                     // Let the receiving softirq keep up: a veth backlog
