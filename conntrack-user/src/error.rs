@@ -28,8 +28,6 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("`ctwatch {what}` needs the fentry or kprobe mode, and kernel {release} offers only the tracepoint mode (no kprobes, tracing programs refused): use `ctwatch drops` or `ctwatch report` here")]
     NeedsKernelProbes { what: &'static str, release: String },
-    #[error("`ctwatch {0}` is not available in this build")]
-    Unimplemented(&'static str),
 }
 
 impl From<crate::loader::LoadError> for Error {
