@@ -1,6 +1,9 @@
 //! One watching session: the loaded programs, their event source, the
 //! namespaces in scope and the attribution of kernel keys to rows.
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
 
 use conntrack_ebpf::{AggKey, FlowEvent};
 
@@ -100,14 +103,18 @@ pub struct Watch {
     attributor: Attributor,
     /// Resolved when first seen, so a process that exits before the end of
     /// the window is still named.
-    owners: HashMap<OwnerKey, RowKey>,
-    names: HashMap<u32, Option<String>>,
+    owners: HashMap<OwnerKey, (RowKey, Instant)>,
+    namespaces: HashMap<u32, Option<NetnsInfo>>,
+    ifnames: HashMap<(u32, u32), Option<String>>,
     cgroups: crate::cgroups::Cgroups,
     cgroup_names: HashMap<u64, String>,
 }
 
-/// Bound on remembered owners; past it, rows are resolved on demand only.
+/// Bound on remembered owners; past it, stale ones are dropped first.
 const OWNER_CACHE: usize = 65536;
+/// How long a resolved owner is trusted before it is looked up again, so a
+/// long-running `serve` or `top` follows a port that changes hands.
+const OWNER_TTL: Duration = Duration::from_secs(30);
 
 impl Watch {
     /// Loads and attaches. `stream_budget` bounds per-record streaming
@@ -126,7 +133,8 @@ impl Watch {
             scope,
             attributor: Attributor::new(),
             owners: HashMap::new(),
-            names: HashMap::new(),
+            namespaces: HashMap::new(),
+            ifnames: HashMap::new(),
             cgroups: crate::cgroups::Cgroups::default(),
             cgroup_names: HashMap::new(),
         })
@@ -221,12 +229,27 @@ impl Watch {
 
     pub fn process_row(&mut self, rec: &AggRecord) -> RowKey {
         let key = Self::owner_key(rec);
-        if let Some(r) = self.owners.get(&key) {
-            return r.clone();
+        let now = Instant::now();
+        let cached = self.owners.get(&key).cloned();
+        if let Some((row, at)) = &cached {
+            if now.duration_since(*at) < OWNER_TTL {
+                return row.clone();
+            }
         }
-        let row = self.resolve(&key);
+        let mut row = self.resolve(&key);
+        // A process that has gone since keeps its name on the flows it
+        // caused: a later "nobody" must not erase who it was.
+        if row.pid.is_none() {
+            if let Some((old, _)) = cached.filter(|(old, _)| old.pid.is_some()) {
+                row = old;
+            }
+        }
+        if self.owners.len() >= OWNER_CACHE {
+            self.owners
+                .retain(|_, (_, at)| now.duration_since(*at) < OWNER_TTL);
+        }
         if self.owners.len() < OWNER_CACHE {
-            self.owners.insert(key, row.clone());
+            self.owners.insert(key, (row.clone(), now));
         }
         row
     }
@@ -250,15 +273,50 @@ impl Watch {
         Some((rec, row))
     }
 
-    pub fn netns_name(&mut self, inum: u32) -> Option<String> {
-        if let Some(n) = self.names.get(&inum) {
+    fn namespace(&mut self, inum: u32) -> Option<NetnsInfo> {
+        if let Some(n) = self.namespaces.get(&inum) {
             return n.clone();
         }
-        let name = netns::list()
+        let info = netns::list()
             .ok()
-            .and_then(|l| l.into_iter().find(|n| n.inum == inum))
-            .and_then(|n| n.name);
-        self.names.insert(inum, name.clone());
+            .and_then(|l| l.into_iter().find(|n| n.inum == inum));
+        if self.namespaces.len() < OWNER_CACHE {
+            self.namespaces.insert(inum, info.clone());
+        }
+        info
+    }
+
+    pub fn netns_name(&mut self, inum: u32) -> Option<String> {
+        self.namespace(inum).and_then(|n| n.name)
+    }
+
+    /// Name of interface `ifindex` inside namespace `inum` (interface
+    /// indexes are per namespace, so the lookup runs inside it).
+    pub fn interface(&mut self, inum: u32, ifindex: u32) -> Option<String> {
+        if ifindex == 0 {
+            return None;
+        }
+        if let Some(n) = self.ifnames.get(&(inum, ifindex)) {
+            return n.clone();
+        }
+        let name = self.namespace(inum).and_then(|ns| {
+            netns::run_in(&ns, move || {
+                let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+                // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
+                let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+                (!p.is_null()).then(|| {
+                    // SAFETY: on success buf holds a NUL-terminated name.
+                    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+                        .to_string_lossy()
+                        .into_owned()
+                })
+            })
+            .ok()
+            .flatten()
+        });
+        if self.ifnames.len() < OWNER_CACHE {
+            self.ifnames.insert((inum, ifindex), name.clone());
+        }
         name
     }
 

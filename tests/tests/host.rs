@@ -245,6 +245,17 @@ fn drops_stream_prints_each_flow() {
         assert_eq!(l["tuple"]["proto"], "udp");
         assert_eq!(l["netns"], lab.srv.inum());
         assert_eq!(l["netns_name"], ns.as_str());
+        // The interface index is named inside the drop's own namespace.
+        let idx = l["ifindex_in"]
+            .as_u64()
+            .expect("inbound drops carry ifindex_in");
+        let links = lab.srv.exec(&["ip", "-o", "link", "show"]);
+        let want = links
+            .lines()
+            .find(|line| line.starts_with(&format!("{idx}: ")))
+            .and_then(|line| line.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string());
+        assert_eq!(l["interface"].as_str(), want.as_deref(), "{links}");
         assert_eq!(l["process"]["role"], "listener");
     }
     let mut sports: Vec<u64> = lines

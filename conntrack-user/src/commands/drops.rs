@@ -121,16 +121,19 @@ pub async fn run(
                         shown += 1;
                     }
                     let name = w.netns_name(rec.netns);
+                    let ifindex = if rec.ifindex_in != 0 { rec.ifindex_in } else { rec.ifindex_out };
+                    let interface = w.interface(rec.netns, ifindex);
                     if as_json {
                         let l = json::DropLine {
                             kind: kind_name(rec.kind),
                             flow: &rec,
                             netns_name: name,
+                            interface,
                             process: (&owner).into(),
                         };
                         println!("{}", json::line(&l));
                     } else {
-                        println!("{}", text::drop_line(&rec, name.as_deref(), &owner));
+                        println!("{}", text::drop_line(&rec, name.as_deref(), interface.as_deref(), &owner));
                     }
                 }
             }

@@ -86,6 +86,9 @@ pub struct DropLine<'a> {
     #[serde(flatten)]
     pub flow: &'a FlowRecord,
     pub netns_name: Option<String>,
+    /// Name of `ifindex_in` (inbound) or `ifindex_out` (local) in that netns.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
     pub process: ProcessRef,
 }
 

@@ -35,15 +35,21 @@ fn clock(ts: std::time::SystemTime) -> String {
     )
 }
 
-pub fn drop_line(r: &FlowRecord, netns_name: Option<&str>, owner: &RowKey) -> String {
+pub fn drop_line(
+    r: &FlowRecord,
+    netns_name: Option<&str>,
+    interface: Option<&str>,
+    owner: &RowKey,
+) -> String {
     let t = &r.tuple;
     let ns = match netns_name {
         Some(n) => format!("{} ({n})", r.netns),
         None => r.netns.to_string(),
     };
+    let dev = |idx: u32| interface.map_or_else(|| format!("if{idx}"), str::to_string);
     let dir = match r.role {
-        Role::Inbound if r.ifindex_in != 0 => format!(" in if{}", r.ifindex_in),
-        Role::Local if r.ifindex_out != 0 => format!(" out if{}", r.ifindex_out),
+        Role::Inbound if r.ifindex_in != 0 => format!(" in {}", dev(r.ifindex_in)),
+        Role::Local if r.ifindex_out != 0 => format!(" out {}", dev(r.ifindex_out)),
         _ => String::new(),
     };
     let what = match r.kind {
