@@ -26,7 +26,7 @@ pub enum Error {
     Doctor(#[from] crate::doctor::DoctorError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error("`ctwatch {what}` needs the fentry or kprobe mode, and kernel {release} offers only the tracepoint mode (no kprobes, tracing programs refused): use `ctwatch drops` or `ctwatch report` here")]
+    #[error("`ctwatch {what}` needs the fentry or kprobe mode, and on kernel {release} ctwatch runs in tracepoint mode (`ctwatch -v {what}` says why the others are unavailable): use `ctwatch drops` or `ctwatch report` here")]
     NeedsKernelProbes { what: &'static str, release: String },
 }
 

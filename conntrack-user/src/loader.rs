@@ -269,6 +269,13 @@ fn attach(
     vmlinux: Option<&Btf>,
 ) -> Result<(), LoadError> {
     let fail = |stage: &'static str, detail: String| {
+        // aya appends "Verifier output:" even when the log is empty.
+        let detail = detail
+            .trim_end()
+            .trim_end_matches("Verifier output:")
+            .trim_end()
+            .trim_end_matches('.')
+            .to_string();
         let old = compat::parse_release(release).is_some_and(|v| v < spec.min_kernel);
         let hint = if old {
             format!(
