@@ -67,12 +67,14 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 
 /// Per-CPU counts by attribution key and kind (drops, new entries,
 /// evictions, clashes): exact totals even when the ring buffer overflows.
 #[map]
-pub static COUNTS: PerCpuHashMap<AggKey, u64> = PerCpuHashMap::with_max_entries(16384, 0);
+pub static COUNTS: PerCpuHashMap<AggKey, u64> =
+    PerCpuHashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
 /// Per-CPU occupancy by creation key: +1 on create, -1 on free (on whatever
 /// CPU frees it), so only the sum over CPUs is meaningful.
 #[map]
-pub static OCC: PerCpuHashMap<AggKey, i64> = PerCpuHashMap::with_max_entries(16384, 0);
+pub static OCC: PerCpuHashMap<AggKey, i64> =
+    PerCpuHashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
 /// Live entries created since attach: `ct` pointer → the creation event.
 /// Sized by userspace from `nf_conntrack_max`; not preallocated.
@@ -342,7 +344,8 @@ pub fn emit(ev: &FlowEvent) {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct HookCtx {
-    pub pid_tgid: u64,
+    /// `tag()` of the call that saved it.
+    pub tag: u64,
     pub sock_ino: u64,
     pub cgroup_id: u64,
     pub ifindex_in: u32,
@@ -381,6 +384,14 @@ pub fn slot_set(map: &PerCpuArray<u64>, i: u32, v: u64) {
 #[inline(always)]
 pub fn pid_tgid() -> u64 {
     bpf_get_current_pid_tgid()
+}
+
+/// Marks per-CPU state as belonging to the current call chain. Never 0:
+/// 0 is what an untouched slot holds and what "none" is written as, and
+/// the idle task's pid_tgid is 0 too (softirqs interrupting it).
+#[inline(always)]
+pub fn tag() -> u64 {
+    bpf_get_current_pid_tgid().wrapping_add(1)
 }
 
 /// `IS_ERR()` on a returned kernel pointer.

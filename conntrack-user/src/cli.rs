@@ -112,6 +112,17 @@ pub struct ServeArgs {
     pub interval: f64,
 }
 
+/// Bounds on every time flag: below the minimum a timer would spin or
+/// round to zero, above the maximum `Duration` arithmetic overflows.
+const MIN_SECS: f64 = 0.05;
+const MAX_SECS: f64 = 30.0 * 86400.0;
+/// Rows per list beyond this help nobody and only make screens overflow.
+const MAX_TOP: usize = 1000;
+
+fn in_range(v: f64) -> bool {
+    v.is_finite() && (MIN_SECS..=MAX_SECS).contains(&v)
+}
+
 /// A validated run configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -135,11 +146,11 @@ pub enum Command {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CliError {
-    #[error("--duration must be a positive number of seconds, got {0}")]
+    #[error("--duration must be between {MIN_SECS} and {MAX_SECS} seconds, got {0}")]
     Duration(f64),
-    #[error("--top must be at least 1")]
+    #[error("--top must be between 1 and {MAX_TOP}")]
     Top,
-    #[error("{0} must be a positive number of seconds, got {1}")]
+    #[error("{0} must be between {MIN_SECS} and {MAX_SECS} seconds, got {1}")]
     Positive(&'static str, f64),
 }
 
@@ -158,11 +169,11 @@ impl Settings {
     }
 
     fn from_cli(c: Cli) -> Result<Self, CliError> {
-        if c.top == 0 {
+        if c.top == 0 || c.top > MAX_TOP {
             return Err(CliError::Top);
         }
         let positive = |name: &'static str, v: f64| {
-            if v.is_finite() && v > 0.0 {
+            if in_range(v) {
                 Ok(())
             } else {
                 Err(CliError::Positive(name, v))
@@ -178,7 +189,7 @@ impl Settings {
             }
             Cmd::Snapshot { json } => Command::Snapshot { json },
             Cmd::Doctor(d) => {
-                if !(d.watch.is_finite() && d.watch >= 0.0) {
+                if !(d.watch == 0.0 || in_range(d.watch)) {
                     return Err(CliError::Positive("--watch", d.watch));
                 }
                 Command::Doctor(d)
@@ -188,7 +199,7 @@ impl Settings {
                 Command::Serve(sv)
             }
             Cmd::Report { duration, json } => {
-                if !(duration.is_finite() && duration > 0.0) {
+                if !in_range(duration) {
                     return Err(CliError::Duration(duration));
                 }
                 Command::Report {

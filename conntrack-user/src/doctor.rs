@@ -302,11 +302,23 @@ pub fn suggested_buckets(max: u64) -> u64 {
     next_pow2(max.div_ceil(MAX_CHAIN))
 }
 
+/// Table-full drops the kernel agrees with. In tracepoint mode "seen"
+/// also holds raw-table and other pre-conntrack drops, which the kernel's
+/// conntrack `drop` counter does not count; only both together mean a
+/// full table.
+fn confirmed_full_drops(n: &NetnsMeasure) -> u64 {
+    match (n.full_drops_seen, n.drops_window) {
+        (Some(seen), Some(kernel)) => seen.min(kernel),
+        (Some(seen), None) => seen,
+        (None, _) => 0,
+    }
+}
+
 fn fill_severity(n: &NetnsMeasure) -> Option<Severity> {
     if n.max == 0 {
         return None;
     }
-    let full = n.full_drops_seen.unwrap_or(0) > 0
+    let full = confirmed_full_drops(n) > 0
         || n.peak >= n.max
         || (n.drops_window.unwrap_or(0) > 0 && percent_of(n.peak, n.max) >= 95);
     if full {
@@ -333,7 +345,7 @@ fn effective_peak(n: &NetnsMeasure, sev: Severity) -> u64 {
 fn under_pressure(n: &NetnsMeasure) -> bool {
     n.max > 0
         && (percent_of(n.peak, n.max) >= PRESSURE_PERCENT
-            || n.full_drops_seen.unwrap_or(0) > 0
+            || confirmed_full_drops(n) > 0
             || n.drops_window.unwrap_or(0) > 0)
 }
 
@@ -1273,6 +1285,33 @@ pub async fn measure(
     }
     m.netns.sort_by_key(|n| n.inum);
     Ok(m)
+}
+
+#[cfg(test)]
+mod fill_tests {
+    use super::*;
+
+    #[test]
+    fn rule_drops_at_low_fill_are_not_a_full_table() {
+        let n = NetnsMeasure {
+            max: 1000,
+            peak: 10,
+            count: 10,
+            full_drops_seen: Some(500),
+            drops_window: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(
+            fill_severity(&n),
+            None,
+            "raw-table drops look like this in tracepoint mode"
+        );
+        let n = NetnsMeasure {
+            drops_window: Some(500),
+            ..n
+        };
+        assert_eq!(fill_severity(&n), Some(Severity::Critical));
+    }
 }
 
 #[cfg(test)]

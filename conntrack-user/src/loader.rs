@@ -89,6 +89,26 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Errors are one line: a verifier log is cut to its last line (the
+/// verdict), and the whole log goes to the debug log (`-vv`).
+fn one_line(detail: &str) -> String {
+    let mut lines = detail.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default();
+    let last = lines.last();
+    if last.is_some() {
+        log::debug!("{detail}");
+    }
+    // aya appends "Verifier output:" even when the log is empty.
+    let first = first
+        .trim_end_matches("Verifier output:")
+        .trim_end()
+        .trim_end_matches('.');
+    match last {
+        Some(l) => format!("{first} … {l}"),
+        None => first.to_string(),
+    }
+}
+
 /// Missing capabilities, by name (empty when we have what we need).
 fn missing_caps() -> Vec<&'static str> {
     const CAP_SYS_ADMIN: u32 = 21;
@@ -200,7 +220,9 @@ fn live_capacity(mode: Mode) -> u32 {
     std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
-        .map_or(262_144, |m| m.clamp(4096, 1 << 21) as u32)
+        // Every namespace may hold up to the (global) max: leave room for
+        // several full ones. Not preallocated, so headroom costs nothing.
+        .map_or(262_144, |m| m.saturating_mul(4).clamp(4096, 1 << 21) as u32)
 }
 
 fn load_mode(
@@ -250,7 +272,7 @@ fn load_mode(
 }
 
 fn classify_load_error(e: aya::EbpfError, release: &str) -> LoadError {
-    let detail = chain(&e);
+    let detail = one_line(&chain(&e));
     if let aya::EbpfError::MapError(aya::maps::MapError::CreateError { name, .. }) = &e {
         if name == "EVENTS" && compat::parse_release(release).is_some_and(|v| v < (5, 8)) {
             return LoadError::NoRingBuf(release.to_string());
@@ -269,13 +291,7 @@ fn attach(
     vmlinux: Option<&Btf>,
 ) -> Result<(), LoadError> {
     let fail = |stage: &'static str, detail: String| {
-        // aya appends "Verifier output:" even when the log is empty.
-        let detail = detail
-            .trim_end()
-            .trim_end_matches("Verifier output:")
-            .trim_end()
-            .trim_end_matches('.')
-            .to_string();
+        let detail = one_line(&detail);
         let old = compat::parse_release(release).is_some_and(|v| v < spec.min_kernel);
         let hint = if old {
             format!(
@@ -332,4 +348,21 @@ fn attach(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn verifier_logs_become_one_line() {
+        let log = "load failed: Permission denied. Verifier output: 0: (79) r1 = *(u64 *)(r1 +0)\n1: R1 invalid mem access 'scalar'\nprocessed 2 insns\n";
+        let l = one_line(log);
+        assert!(!l.contains('\n'), "{l}");
+        assert!(l.ends_with("processed 2 insns"), "{l}");
+        assert_eq!(
+            one_line("returned Operation not permitted (os error 1). Verifier output: "),
+            "returned Operation not permitted (os error 1)"
+        );
+    }
 }

@@ -73,7 +73,7 @@ pub fn rows(
     start: &HashMap<u32, NetnsSnapshot>,
     end: &HashMap<u32, NetnsSnapshot>,
     seen: &HashMap<u32, u64>,
-    lost_events: u64,
+    why: &Context,
     keep_all: bool,
 ) -> (Vec<NetnsRow>, Vec<String>) {
     let mut inums: Vec<u32> = start.keys().chain(seen.keys()).copied().collect();
@@ -115,7 +115,7 @@ pub fn rows(
         if !(active || keep_all) {
             continue;
         }
-        if let Some(note) = explain(&row, lost_events) {
+        if let Some(note) = explain(&row, why) {
             notes.push(note);
         }
         if s.is_some() && e.is_none() {
@@ -130,8 +130,19 @@ pub fn rows(
     (out, notes)
 }
 
+/// What the explanation of a mismatch depends on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Context {
+    /// The kernel-probe modes see conntrack's own allocation failure; the
+    /// tracepoint mode infers it from the drop reason.
+    pub kernel_probes: bool,
+    /// Drops known only as a total (over the in-kernel key budget, or
+    /// unreadable), so absent from every namespace's `drops_seen`.
+    pub unattributed: u64,
+}
+
 /// One sentence when ctwatch and the kernel disagree about a netns.
-pub fn explain(row: &NetnsRow, lost_events: u64) -> Option<String> {
+pub fn explain(row: &NetnsRow, why: &Context) -> Option<String> {
     let kernel = row.drops_kernel?;
     let seen = row.drops_seen;
     let inum = row.inum;
@@ -139,23 +150,34 @@ pub fn explain(row: &NetnsRow, lost_events: u64) -> Option<String> {
         return None;
     }
     Some(if seen > kernel {
-        format!(
-            "netns {inum}: ctwatch saw {seen} NETFILTER_DROP packets without a conntrack entry, \
-             but conntrack counted {kernel} drops: {} were dropped before conntrack ran \
-             (a raw-table or priority < -200 DROP rule, or a netns where conntrack is not in use), \
-             not by a full table",
-            seen - kernel
-        )
+        if why.kernel_probes {
+            format!(
+                "netns {inum}: ctwatch saw {seen} failed allocations with no room, but conntrack \
+                 counted {kernel} drops: the kernel counters were read a moment apart from the \
+                 window's edges (a drop at the edge lands on one side only)"
+            )
+        } else {
+            format!(
+                "netns {inum}: ctwatch saw {seen} NETFILTER_DROP packets without a conntrack entry, \
+                 but conntrack counted {kernel} drops: {} were dropped before conntrack ran \
+                 (a raw-table or priority < -200 DROP rule, or a netns where conntrack is not in use), \
+                 not by a full table",
+                seen - kernel
+            )
+        }
     } else {
-        let lost = if lost_events > 0 {
-            format!(" ({lost_events} events were lost to a full ring buffer)")
+        let unkeyed = if why.unattributed > 0 {
+            format!(
+                "; {} drops overflowed the in-kernel key budget and are counted without a namespace",
+                why.unattributed
+            )
         } else {
             String::new()
         };
         format!(
             "netns {inum}: conntrack counted {kernel} drops, ctwatch attributed {seen}: \
              the other {} are conntrack drops of other kinds (packets a protocol tracker \
-             refused, failed clash resolution){lost}",
+             refused, failed clash resolution, a failed allocation){unkeyed}",
             kernel - seen
         )
     })
@@ -182,25 +204,38 @@ mod tests {
 
     #[test]
     fn agreement_needs_no_note() {
-        assert_eq!(explain(&row(Some(199), 199), 0), None);
+        assert_eq!(explain(&row(Some(199), 199), &Context::default()), None);
     }
 
     #[test]
     fn raw_table_drops_show_up_as_seen_above_kernel() {
-        let n = explain(&row(Some(0), 50), 0).unwrap();
+        let n = explain(&row(Some(0), 50), &Context::default()).unwrap();
         assert!(n.contains("before conntrack ran"), "{n}");
         assert!(n.contains("50 were dropped"), "{n}");
     }
 
     #[test]
     fn other_conntrack_drops_show_up_as_kernel_above_seen() {
-        let n = explain(&row(Some(10), 4), 3).unwrap();
+        let why = Context {
+            kernel_probes: false,
+            unattributed: 3,
+        };
+        let n = explain(&row(Some(10), 4), &why).unwrap();
         assert!(n.contains("the other 6"), "{n}");
-        assert!(n.contains("3 events were lost"), "{n}");
+        assert!(n.contains("3 drops overflowed"), "{n}");
+        let probes = Context {
+            kernel_probes: true,
+            unattributed: 0,
+        };
+        let n = explain(&row(Some(0), 2), &probes).unwrap();
+        assert!(
+            !n.contains("raw-table"),
+            "kprobe mode cannot see rule drops: {n}"
+        );
     }
 
     #[test]
     fn unknown_kernel_counter_is_not_a_mismatch() {
-        assert_eq!(explain(&row(None, 5), 0), None);
+        assert_eq!(explain(&row(None, 5), &Context::default()), None);
     }
 }

@@ -166,11 +166,15 @@ impl Netns {
             .spawn()
             .expect("spawn ctpeer");
         let pid = child.id();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let stdout = child.stdout.take().unwrap();
+        // Owned by the guard first, so a failed check below still kills it.
+        let peer = Peer { child, pid };
         let mut line = String::new();
-        out.read_line(&mut line).expect("ctpeer output");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("ctpeer output");
         assert!(line.starts_with("ready"), "ctpeer {args:?} said {line:?}");
-        Peer { child, pid }
+        peer
     }
 
     /// Runs ctpeer to completion inside this netns; returns (pid, stdout).

@@ -73,12 +73,14 @@ impl Bench {
             .args(args)
             .stdout(Stdio::piped())
             .spawn()?;
+        let out = c.stdout.take().unwrap();
+        // Owned (and killed on drop) before anything can fail.
+        self.children.push(c);
         let mut line = String::new();
-        BufReader::new(c.stdout.take().unwrap()).read_line(&mut line)?;
+        BufReader::new(out).read_line(&mut line)?;
         if !line.starts_with("ready") {
             bail!("ctpeer {args:?} said {line:?}");
         }
-        self.children.push(c);
         Ok(())
     }
 }

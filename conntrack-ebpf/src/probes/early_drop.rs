@@ -6,21 +6,21 @@
 //! when it found none: the table is full and the packet will be dropped.
 //! The evicted entry is freed inside this call; `nf_conntrack_free` sees
 //! the flag set here and reports it as an eviction.
-use crate::common::{pid_tgid, slot_set, EARLY};
+use crate::common::{slot_set, tag, EARLY};
 use aya_ebpf::{
     macros::{fentry, fexit, kprobe, kretprobe},
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 
 fn enter() {
-    slot_set(&EARLY, 0, pid_tgid());
+    slot_set(&EARLY, 0, tag());
 }
 
 fn leave(ret: u64) {
     slot_set(&EARLY, 0, 0);
     if ret as u32 == 0 {
         // Read by the __nf_conntrack_alloc exit that follows.
-        slot_set(&EARLY, 1, pid_tgid());
+        slot_set(&EARLY, 1, tag());
     }
     // Evictions are counted per freed entry in nf_conntrack_free: one call
     // may empty a whole bucket, and the kernel's early_drop stat counts

@@ -16,12 +16,12 @@ use conntrack_ebpf::{kind, role, stat, FlowEvent};
 
 use crate::common::{
     aggregate, bump, conf, emit_budgeted, is_err_ptr, key_of, net_inum, now_ns, occupy, pid_tgid,
-    read_ct_tuple, scratch_event, slot_get, slot_set, ARGS, EARLY, HOOK_CTX, LIVE,
+    read_ct_tuple, scratch_event, slot_get, slot_set, tag, ARGS, EARLY, HOOK_CTX, LIVE,
 };
 
 #[kprobe]
 pub fn ctw_alloc_kp(ctx: ProbeContext) -> u32 {
-    slot_set(&ARGS, 0, pid_tgid());
+    slot_set(&ARGS, 0, tag());
     slot_set(&ARGS, 1, ctx.arg::<u64>(0).unwrap_or(0));
     slot_set(&ARGS, 2, ctx.arg::<u64>(2).unwrap_or(0));
     0
@@ -30,7 +30,7 @@ pub fn ctw_alloc_kp(ctx: ProbeContext) -> u32 {
 #[kretprobe]
 pub fn ctw_alloc_krp(ctx: RetProbeContext) -> u32 {
     let ret: u64 = ctx.ret();
-    if slot_get(&ARGS, 0) != pid_tgid() {
+    if slot_get(&ARGS, 0) != tag() {
         return 0;
     }
     slot_set(&ARGS, 0, 0);
@@ -49,9 +49,9 @@ pub fn ctw_alloc_fx(ctx: FExitContext) -> u32 {
 }
 
 fn on_alloc(net: u64, orig: u64, ret: u64) -> Result<(), i32> {
-    let me = pid_tgid();
-    let full = slot_get(&EARLY, 1) == me && me != u64::MAX;
-    slot_set(&EARLY, 1, u64::MAX);
+    let me = tag();
+    let full = slot_get(&EARLY, 1) == me;
+    slot_set(&EARLY, 1, 0);
     if is_err_ptr(ret) && !full {
         // A slab failure, not a full table.
         bump(stat::ALLOC_ERR);
@@ -64,14 +64,15 @@ fn on_alloc(net: u64, orig: u64, ret: u64) -> Result<(), i32> {
     ev.role = role::UNKNOWN;
     if let Some(c) = HOOK_CTX.get(0) {
         // Only trust context saved by this same call (same task, same CPU).
-        if c.pid_tgid == me {
+        if c.tag == me {
             ev.role = c.role;
             ev.ifindex_in = c.ifindex_in;
             ev.ifindex_out = c.ifindex_out;
             ev.sock_ino = c.sock_ino;
             if c.task != 0 {
-                ev.pid = (me >> 32) as u32;
-                ev.tid = me as u32;
+                let pt = pid_tgid();
+                ev.pid = (pt >> 32) as u32;
+                ev.tid = pt as u32;
                 ev.comm = c.comm;
                 ev.cgroup_id = c.cgroup_id;
                 ev.flags |= conntrack_ebpf::flags::TASK;
@@ -86,6 +87,9 @@ fn on_alloc(net: u64, orig: u64, ret: u64) -> Result<(), i32> {
         return Ok(());
     }
     ev.kind = kind::NEW;
+    // Entries are keyed by process, not by socket: a busy client opens a
+    // socket per connection, and per-socket keys would fill the maps.
+    ev.sock_ino = 0;
     bump(stat::NEW);
     let first = aggregate(ev);
     let key = key_of(ev);

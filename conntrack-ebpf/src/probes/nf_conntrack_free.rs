@@ -10,8 +10,8 @@ use aya_ebpf::{
 use conntrack_ebpf::{kind, role, stat, FlowEvent};
 
 use crate::common::{
-    aggregate, bump, conf, emit_budgeted, key_of, net_inum, now_ns, occupy, pid_tgid, rd,
-    read_ct_tuple, scratch_event, slot_get, EARLY, LIVE,
+    aggregate, bump, conf, emit_budgeted, key_of, net_inum, now_ns, occupy, rd, read_ct_tuple,
+    scratch_event, slot_get, tag, EARLY, LIVE,
 };
 
 #[kprobe]
@@ -31,7 +31,7 @@ fn on_free(ct: u64) -> Result<(), i32> {
         return Ok(());
     }
     bump(stat::FREED);
-    let evicted = slot_get(&EARLY, 0) == pid_tgid();
+    let evicted = slot_get(&EARLY, 0) == tag();
     let ev: &mut FlowEvent = scratch_event().ok_or(-12)?;
     match unsafe { LIVE.get(&ct) } {
         Some(live) => {

@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use conntrack_ebpf::role;
 
-use crate::common::{conf, fill_task, net_inum, pid_tgid, rd, sock_ino, HookCtx, HOOK_CTX};
+use crate::common::{conf, fill_task, net_inum, rd, sock_ino, tag, HookCtx, HOOK_CTX};
 
 const NF_INET_PRE_ROUTING: u8 = 0;
 const NF_INET_LOCAL_OUT: u8 = 3;
@@ -34,7 +34,7 @@ pub fn ctw_in_fe(ctx: FEntryContext) -> u32 {
 
 fn save(skb: u64, state: u64) -> Result<(), i32> {
     let c: &mut HookCtx = unsafe { &mut *HOOK_CTX.get_ptr_mut(0).ok_or(-12)? };
-    c.pid_tgid = pid_tgid();
+    c.tag = tag();
     c.sock_ino = 0;
     c.cgroup_id = 0;
     c.ifindex_in = 0;

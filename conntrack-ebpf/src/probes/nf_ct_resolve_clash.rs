@@ -13,8 +13,8 @@ use aya_ebpf::{
 use conntrack_ebpf::{kind, stat, FlowEvent};
 
 use crate::common::{
-    aggregate, bump, conf, emit_budgeted, net_inum, now_ns, pid_tgid, rd, read_ct_tuple,
-    scratch_event, slot_get, slot_set, ARGS,
+    aggregate, bump, conf, emit_budgeted, net_inum, now_ns, rd, read_ct_tuple, scratch_event,
+    slot_get, slot_set, tag, ARGS,
 };
 
 const NF_DROP: u64 = 0;
@@ -23,7 +23,7 @@ const NFCT_PTRMASK: u64 = !7u64;
 
 #[kprobe]
 pub fn ctw_clash_kp(ctx: ProbeContext) -> u32 {
-    slot_set(&ARGS, 3, pid_tgid());
+    slot_set(&ARGS, 3, tag());
     slot_set(&ARGS, 4, ctx.arg::<u64>(0).unwrap_or(0));
     slot_set(&ARGS, 5, ctx.arg::<u64>(1).unwrap_or(0));
     0
@@ -31,7 +31,7 @@ pub fn ctw_clash_kp(ctx: ProbeContext) -> u32 {
 
 #[kretprobe]
 pub fn ctw_clash_krp(ctx: RetProbeContext) -> u32 {
-    if slot_get(&ARGS, 3) != pid_tgid() {
+    if slot_get(&ARGS, 3) != tag() {
         return 0;
     }
     slot_set(&ARGS, 3, 0);
@@ -53,8 +53,14 @@ fn on_clash(skb: u64, h: u64, ret: u64) -> Result<(), i32> {
     let ev: &mut FlowEvent = scratch_event().ok_or(-12)?;
     ev.kind = kind::CLASH;
     ev.ts_ns = now_ns();
-    read_ct_tuple(h + conf!(hash_tuple) as u64, &mut ev.tuple)?;
     let loser: u64 = rd::<u64>(skb, conf!(skb_nfct)).unwrap_or(0) & NFCT_PTRMASK;
+    // The loser's own original tuple; `h` may be the winner's reply side,
+    // which would swap source and destination.
+    if conf!(conn_tuple) != 0 && loser != 0 {
+        read_ct_tuple(loser + conf!(conn_tuple) as u64, &mut ev.tuple)?;
+    } else {
+        read_ct_tuple(h + conf!(hash_tuple) as u64, &mut ev.tuple)?;
+    }
     let net: u64 = rd(loser, conf!(conn_net)).unwrap_or(0);
     ev.netns = net_inum(net);
     let first = aggregate(ev);

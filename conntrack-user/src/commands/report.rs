@@ -100,9 +100,10 @@ pub async fn run(
     let tally = w.tally(&deltas);
     let mut drops = tally.drops;
     let overflow = stats.get(stat::AGG_OVERFLOW);
+    // Known only as totals: over the in-kernel key budget, or unreadable.
+    let unattributed = stats.get(stat::MATCHED).saturating_sub(tally.drops_keyed);
     if !w.scope.is_narrowed() {
-        // Known only as totals: over the in-kernel key budget, or unreadable.
-        drops.add_unattributed(stats.get(stat::MATCHED).saturating_sub(tally.drops_keyed));
+        drops.add_unattributed(unattributed);
     }
     let held_now = match held.as_mut() {
         Some(h) => h.now(&w.source, &counts_now)?,
@@ -112,17 +113,21 @@ pub async fn run(
     let seen = tally.drops_per_netns;
 
     let lost = stats.get(stat::RB_LOST) + w.source.malformed;
+    let why = reconcile::Context {
+        kernel_probes: kernel_entries,
+        unattributed,
+    };
     let (netns, rec_notes) = reconcile::rows(
         &start_counters,
         &end_counters,
         &seen,
-        lost,
+        &why,
         w.scope.is_narrowed(),
     );
     notes.extend(rec_notes);
     if overflow > 0 {
         notes.push(format!(
-            "{overflow} counts exceeded the in-kernel key budget: they are in the totals and under \"other\""
+            "{overflow} counts exceeded the in-kernel key budget: drops among them are in the drop total and under \"other\"; entries created or held among them are missing from those breakdowns"
         ));
     }
     if stats.get(stat::LIVE_OVERFLOW) > 0 {
@@ -145,8 +150,22 @@ pub async fn run(
             "ctnetlink"
         },
         new_flows: kernel_entries.then(|| tally.new_flows.finish(top)),
-        evictions: kernel_entries.then(|| stats.get(stat::EVICTIONS)),
-        clashes: kernel_entries.then(|| stats.get(stat::CLASHES)),
+        // Host-wide counters, unless --netns narrows the report to the
+        // namespaces whose evicted/clashed keys are counted.
+        evictions: kernel_entries.then(|| {
+            if w.scope.is_narrowed() {
+                tally.evicted.total()
+            } else {
+                stats.get(stat::EVICTIONS)
+            }
+        }),
+        clashes: kernel_entries.then(|| {
+            if w.scope.is_narrowed() {
+                tally.clashed.total()
+            } else {
+                stats.get(stat::CLASHES)
+            }
+        }),
         evicted: kernel_entries.then(|| tally.evicted.finish(top)),
         clashed: kernel_entries.then(|| tally.clashed.finish(top)),
         reconciliation: notes,

@@ -48,7 +48,8 @@ pub struct ReportCounters {
     pub decode_errors: u64,
     /// Entries freed in the window (kernel-probe modes).
     pub entries_freed: u64,
-    /// Confirmations into the hash table (kernel-probe modes).
+    /// Confirmations accepted by `__nf_conntrack_confirm`, resolved
+    /// clashes included (kernel-probe modes).
     pub inserts: u64,
     /// Allocation failures with no failed early_drop before them (memory,
     /// not a full table): kept out of `drops`.
