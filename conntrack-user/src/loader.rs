@@ -94,7 +94,7 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 fn one_line(detail: &str) -> String {
     let mut lines = detail.lines().map(str::trim).filter(|l| !l.is_empty());
     let first = lines.next().unwrap_or_default();
-    let last = lines.last();
+    let last = lines.next_back();
     if last.is_some() {
         log::debug!("{detail}");
     }
