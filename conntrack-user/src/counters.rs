@@ -495,12 +495,13 @@ entries searched found new invalid ignore delete delete_list insert insert_faile
         netns::run_in(&ns.info, || {
             let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
             let to = rx.local_addr().unwrap();
+            // Held open so every socket has its own source port: one new
+            // conntrack entry each (a closed port can be handed out again).
+            let mut held = Vec::new();
             for _ in 0..FLOWS {
-                // A fresh source port each time: one new conntrack entry each.
-                UdpSocket::bind("127.0.0.1:0")
-                    .unwrap()
-                    .send_to(b"x", to)
-                    .unwrap();
+                let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+                s.send_to(b"x", to).unwrap();
+                held.push(s);
             }
             // 6.x no longer counts `found` or `insert`, so ordinary flows
             // leave every counter at zero; an invalid packet moves one.
