@@ -102,6 +102,14 @@ const SOCK_RCVBUF: usize = 4 << 20;
 /// Dumps every conntrack entry (IPv4 and IPv6, all zones) of the calling
 /// thread's network namespace.
 pub fn dump() -> Result<Vec<CtEntry>, CtnetlinkError> {
+    let mut entries = Vec::new();
+    for_each(|e| entries.push(e))?;
+    Ok(entries)
+}
+
+/// Hands every entry of the calling thread's namespace to `f` as its
+/// datagram is decoded, so a million-entry table never sits in memory.
+pub fn for_each(mut f: impl FnMut(CtEntry)) -> Result<(), CtnetlinkError> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     header.sequence_number = next_seq();
@@ -118,7 +126,6 @@ pub fn dump() -> Result<Vec<CtEntry>, CtnetlinkError> {
     let mut request = vec![0u8; msg.buffer_len()];
     msg.serialize(&mut request);
 
-    let mut entries = Vec::new();
     run_dump(&request, seq, |msg_type, payload| {
         let subsys = msg_type >> 8;
         let kind = msg_type & 0xff;
@@ -126,12 +133,11 @@ pub fn dump() -> Result<Vec<CtEntry>, CtnetlinkError> {
             && (kind == IPCTNL_MSG_CT_NEW || kind == IPCTNL_MSG_CT_GET)
         {
             if let Some(entry) = decode_entry(payload)? {
-                entries.push(entry);
+                f(entry);
             }
         }
         Ok(())
-    })?;
-    Ok(entries)
+    })
 }
 
 /// [`dump`] inside another network namespace.

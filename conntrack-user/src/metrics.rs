@@ -23,7 +23,6 @@ use crate::{
     aggregate::{Breakdown, BreakdownBuilder, Item},
     compat::Mode,
     counters::{CtStats, Sysctl},
-    ctnetlink,
     error::Error,
     netns::NetnsInfo,
     occupancy::{self, Held},
@@ -392,20 +391,12 @@ fn fill_counters(f: &Family<ByLabels, Counter>, b: &Breakdown) {
     }
 }
 
-/// One ctnetlink dump per namespace that holds entries; a namespace that
-/// cannot be dumped is skipped (its entries are missing from `entries_by`
-/// until the next refresh).
-fn dump_all(scope: &[NetnsInfo]) -> Vec<(u32, Vec<ctnetlink::CtEntry>)> {
-    scope
-        .iter()
-        .filter_map(|ns| match ctnetlink::dump_in(ns) {
-            Ok(entries) => Some((ns.inum, entries)),
-            Err(e) => {
-                log::warn!("netns {}: no ctnetlink dump: {e}", ns.inum);
-                None
-            }
-        })
-        .collect()
+/// Logs what a dump could not cover: a namespace that cannot be dumped
+/// is missing from `entries_by` until the next refresh.
+fn log_notes(notes: Vec<String>) {
+    for n in notes {
+        log::warn!("{n}");
+    }
 }
 
 /// The baselines of a serving session: everything is reported since start.
@@ -427,7 +418,10 @@ impl Refresher {
         let stats_start = w.source.stats()?;
         let held = if kernel_entries {
             let scope = w.scope.namespaces()?;
-            Some(Held::seed(&w.source, &dump_all(&scope))?)
+            let mut notes = Vec::new();
+            let held = Held::seed(&w.source, &scope, &mut notes)?;
+            log_notes(notes);
+            Some(held)
         } else {
             None
         };
@@ -479,7 +473,10 @@ impl Refresher {
                 })
                 .cloned()
                 .collect();
-            w.breakdown_of(occupancy::from_dumps(&dump_all(&busy)))
+            let mut notes = Vec::new();
+            let held = occupancy::count_now(&busy, &mut notes);
+            log_notes(notes);
+            w.breakdown_of(held)
         };
 
         let mut netns: Vec<NetnsSample> = scope_ns

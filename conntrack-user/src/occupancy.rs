@@ -8,8 +8,9 @@ use std::{
 use conntrack_ebpf::{AggKey, FlowTuple};
 
 use crate::{
-    ctnetlink::CtEntry,
+    ctnetlink::{self, CtEntry},
     event::{self, AggRecord, Kind, Role},
+    netns::{self, NetnsInfo},
     source::{counts_since, KernelSource, SourceError},
 };
 
@@ -102,6 +103,41 @@ impl Seed {
         Seed { counts }
     }
 
+    /// Counts every entry of these namespaces from one ctnetlink dump each,
+    /// folded as the datagrams arrive (no dump is ever held whole), leaving
+    /// out the flows in `exclude`. A namespace that cannot be dumped (it
+    /// vanished, or conntrack is not loaded there) becomes a note.
+    pub fn count(scope: &[NetnsInfo], exclude: &HashSet<FlowId>, notes: &mut Vec<String>) -> Self {
+        let exclude = std::sync::Arc::new(exclude.clone());
+        let mut seed = Seed::default();
+        for ns in scope {
+            let inum = ns.inum;
+            let exclude = exclude.clone();
+            let counted = netns::run_in(ns, move || {
+                let mut counts: HashMap<SeedKey, u64> = HashMap::new();
+                ctnetlink::for_each(|e| {
+                    if !exclude.contains(&FlowId::of_entry(inum, &e)) {
+                        *counts
+                            .entry(SeedKey {
+                                netns: inum,
+                                src: e.src,
+                                proto: e.proto,
+                                dport: e.dport,
+                            })
+                            .or_default() += 1;
+                    }
+                })
+                .map(|()| counts)
+            });
+            match counted {
+                Ok(Ok(counts)) => seed.counts.extend(counts),
+                Ok(Err(e)) => notes.push(format!("netns {inum}: no ctnetlink dump: {e}")),
+                Err(e) => notes.push(format!("netns {inum}: {e}")),
+            }
+        }
+        seed
+    }
+
     /// Subtracts frees of pre-existing entries reported by the kernel.
     pub fn apply_frees(&mut self, frees: impl IntoIterator<Item = (SeedKey, u64)>) {
         for (k, n) in frees {
@@ -150,10 +186,20 @@ pub struct Held {
 }
 
 impl Held {
-    /// Call right after attach, with one dump per namespace in scope.
-    pub fn seed(source: &KernelSource, dumps: &[(u32, Vec<CtEntry>)]) -> Result<Self, SourceError> {
+    /// Call right after attach: counts the namespaces in scope, leaving out
+    /// entries the kernel already tracks because they were created since.
+    pub fn seed(
+        source: &KernelSource,
+        scope: &[NetnsInfo],
+        notes: &mut Vec<String>,
+    ) -> Result<Self, SourceError> {
         let known = source.live_flows();
-        let seed = Seed::from_dumps(dumps.iter().map(|(n, e)| (*n, e.as_slice())), &known);
+        Self::from_seed(source, Seed::count(scope, &known, notes))
+    }
+
+    /// For callers that counted on another thread (`Seed::count` with
+    /// `source.live_flows()` as the exclusion).
+    pub fn from_seed(source: &KernelSource, seed: Seed) -> Result<Self, SourceError> {
         Ok(Held {
             seed,
             frees_applied: source.counts()?,
@@ -186,14 +232,11 @@ impl Held {
     }
 }
 
-/// Entries held per key from plain dumps (tracepoint mode).
-pub fn from_dumps(dumps: &[(u32, Vec<CtEntry>)]) -> Vec<(AggRecord, u64)> {
-    Seed::from_dumps(
-        dumps.iter().map(|(n, e)| (*n, e.as_slice())),
-        &HashSet::new(),
-    )
-    .records()
-    .collect()
+/// Entries held per key now, from one dump per namespace (tracepoint mode).
+pub fn count_now(scope: &[NetnsInfo], notes: &mut Vec<String>) -> Vec<(AggRecord, u64)> {
+    Seed::count(scope, &HashSet::new(), notes)
+        .records()
+        .collect()
 }
 
 #[cfg(test)]

@@ -5,30 +5,13 @@ use conntrack_ebpf::stat;
 
 use crate::{
     cli::Settings,
-    ctnetlink,
     error::Error,
-    netns::NetnsInfo,
     occupancy::{self, Held},
     reconcile,
     source::counts_since,
     views::{json, text},
     watch::Watch,
 };
-
-/// One ctnetlink dump per namespace; a namespace that cannot be dumped is
-/// reported, not fatal.
-fn dump_all(scope: &[NetnsInfo], notes: &mut Vec<String>) -> Vec<(u32, Vec<ctnetlink::CtEntry>)> {
-    scope
-        .iter()
-        .filter_map(|ns| match ctnetlink::dump_in(ns) {
-            Ok(entries) => Some((ns.inum, entries)),
-            Err(e) => {
-                notes.push(format!("netns {}: no ctnetlink dump: {e}", ns.inum));
-                None
-            }
-        })
-        .collect()
-}
 
 pub async fn run(
     settings: &Settings,
@@ -49,7 +32,7 @@ pub async fn run(
     // Entries that predate attach: seeded once, then kept current by the
     // kernel's frees of pre-existing entries.
     let mut held = if kernel_entries {
-        Some(Held::seed(&w.source, &dump_all(&scope_ns, &mut notes))?)
+        Some(Held::seed(&w.source, &scope_ns, &mut notes)?)
     } else {
         None
     };
@@ -107,7 +90,7 @@ pub async fn run(
     }
     let held_now = match held.as_mut() {
         Some(h) => h.now(&w.source, &counts_now)?,
-        None => occupancy::from_dumps(&dump_all(&end_ns, &mut notes)),
+        None => occupancy::count_now(&end_ns, &mut notes),
     };
     let occupancy = w.breakdown_of(held_now);
     let seen = tally.drops_per_netns;

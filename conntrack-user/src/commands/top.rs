@@ -5,7 +5,7 @@
 //! blocking threads whose results are picked up by the same select loop
 //! that reads keys, so the screen never freezes behind a big table.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io::{IsTerminal, Stdout},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -30,12 +30,11 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use crate::{
     cgroups::Cgroups,
     cli::{Settings, TopArgs},
-    ctnetlink,
     error::Error,
     event::{self as ev, AggRecord, Kind},
     live::{self, Action, Keys, Model, NsSample, Tick, Totals},
     netns::NetnsInfo,
-    occupancy::{Held, Seed},
+    occupancy::{FlowId, Held, Seed},
     reconcile::{self, NetnsSnapshot},
     source::counts_since,
     views,
@@ -168,30 +167,13 @@ async fn finished<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, TopError> {
 /// The namespaces in scope and their counters, read on a blocking thread.
 type Snapshot = (Vec<NetnsInfo>, HashMap<u32, NetnsSnapshot>, Option<String>);
 
-/// One ctnetlink dump per namespace; a namespace that cannot be dumped is
-/// noted, not fatal.
-fn dump_all(nss: &[NetnsInfo]) -> (Vec<(u32, Vec<ctnetlink::CtEntry>)>, Vec<String>) {
-    let mut notes = Vec::new();
-    let mut dumps = Vec::new();
-    for ns in nss {
-        match ctnetlink::dump_in(ns) {
-            Ok(e) => dumps.push((ns.inum, e)),
-            Err(e) => notes.push(format!("netns {}: no ctnetlink dump: {e}", ns.inum)),
-        }
-    }
-    (dumps, notes)
-}
-
-/// Occupancy per netns from one dump each, reduced to counts per key on the
-/// blocking thread so whole dumps never reach the UI thread.
+/// Occupancy per netns from one dump each, folded into counts per key on
+/// the blocking thread as the datagrams arrive: whole dumps never exist.
 type Dumped = (Seed, Vec<String>);
 
-fn dump_seed(nss: &[NetnsInfo]) -> Dumped {
-    let (dumps, notes) = dump_all(nss);
-    let seed = Seed::from_dumps(
-        dumps.iter().map(|(n, e)| (*n, e.as_slice())),
-        &Default::default(),
-    );
+fn dump_seed(nss: &[NetnsInfo], exclude: &HashSet<FlowId>) -> Dumped {
+    let mut notes = Vec::new();
+    let seed = Seed::count(nss, exclude, &mut notes);
     (seed, notes)
 }
 
@@ -411,13 +393,14 @@ pub async fn run(settings: &Settings, args: &TopArgs) -> Result<(), Error> {
         // Entries from before attach are seeded once, right after attach,
         // leaving out those the kernel already tracks, as `report` does.
         let scope = w.scope.clone();
-        let (dumps, notes) = tokio::task::spawn_blocking(move || {
+        let known = w.source.live_flows();
+        let (seed, notes) = tokio::task::spawn_blocking(move || {
             let nss = scope.namespaces().unwrap_or_default();
-            dump_all(&nss)
+            dump_seed(&nss, &known)
         })
         .await
         .map_err(|e| TopError::Task(e.to_string()))?;
-        session.held = Some(Held::seed(&w.source, &dumps)?);
+        session.held = Some(Held::from_seed(&w.source, seed)?);
         session.dump_notes = notes;
     }
     session.prev_counts = w.source.counts()?;
@@ -475,7 +458,7 @@ pub async fn run(settings: &Settings, args: &TopArgs) -> Result<(), Error> {
                 if !kernel_entries && dump_task.is_none() && Instant::now() >= next_dump {
                     next_dump = Instant::now() + dump_every;
                     dump_started = session.now();
-                    dump_task = Some(tokio::task::spawn_blocking(move || dump_seed(&busy)));
+                    dump_task = Some(tokio::task::spawn_blocking(move || dump_seed(&busy, &HashSet::new())));
                 }
                 screen.draw(&model, session.now())?;
             }
