@@ -69,6 +69,8 @@ pub struct LoadRequest {
 /// link is file-descriptor based and nothing is pinned.
 pub struct Loaded {
     pub ebpf: Ebpf,
+    /// Forwards the programs' aya-log records to `log` (shown with `-v`).
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub mode: Mode,
     pub attached: Vec<&'static str>,
     pub release: String,
@@ -263,8 +265,13 @@ fn load_mode(
             Err(e) => log::warn!("optional probe skipped: {e}"),
         }
     }
+    // The object always carries the log map; if it does not, nothing logs.
+    let logger = aya_log::EbpfLogger::init(&mut ebpf)
+        .map_err(|e| log::debug!("no eBPF log forwarding: {e}"))
+        .ok();
     Ok(Loaded {
         ebpf,
+        logger,
         mode,
         attached,
         release: release.to_string(),

@@ -37,6 +37,7 @@ impl KernelStats {
 }
 
 pub struct KernelSource {
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ring: AsyncFd<RingBuf<MapData>>,
     stats: PerCpuArray<MapData, u64>,
     counts: PerCpuHashMap<MapData, AggKey, u64>,
@@ -71,12 +72,21 @@ impl KernelSource {
             counts: take(loaded, "COUNTS")?,
             occupancy: take(loaded, "OCC")?,
             live: take(loaded, "LIVE")?,
+            logger: loaded.logger.take(),
             malformed: 0,
         })
     }
 
+    /// Forwards pending eBPF log records (rare: unreadable packets).
+    fn flush_logs(&mut self) {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+    }
+
     /// Waits until the ring buffer has data, then drains it into `out`.
     pub async fn next_batch(&mut self, out: &mut Vec<FlowEvent>) -> Result<(), SourceError> {
+        self.flush_logs();
         let mut guard = self.ring.readable_mut().await?;
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
@@ -94,6 +104,7 @@ impl KernelSource {
 
     /// Drains whatever is buffered without waiting.
     pub fn drain_now(&mut self, out: &mut Vec<FlowEvent>) {
+        self.flush_logs();
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
             match event::parse(&item) {

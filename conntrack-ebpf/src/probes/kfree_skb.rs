@@ -26,8 +26,10 @@ pub fn ctw_kfree_skb(ctx: RawTracePointContext) -> i32 {
     }
     bump(stat::NF_DROP_ANY);
     let skb: u64 = ctx.arg(0);
-    if try_kfree_skb(skb).is_err() {
+    if let Err(e) = try_kfree_skb(skb) {
         bump(stat::DECODE_ERR);
+        // Rare (a header the probe could not read); counted either way.
+        aya_log_ebpf::warn!(&ctx, "kfree_skb: unreadable skb headers, error {}", e);
     }
     0
 }
