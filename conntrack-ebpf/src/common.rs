@@ -245,17 +245,28 @@ pub fn aggregate(ev: &FlowEvent) -> bool {
 
 #[inline(always)]
 pub fn count_key(key: &AggKey) -> bool {
-    if let Some(v) = COUNTS.get_ptr_mut(key) {
-        unsafe { *v += 1 };
+    add_to(&COUNTS, key, 1u64)
+}
+
+/// Adds `delta` to `key` in a per-CPU map, inserting it when new; returns
+/// true when this call inserted it. Another CPU may insert the same key
+/// concurrently, which per-CPU values make harmless; a full map is counted
+/// in `AGG_OVERFLOW` (reported as "other").
+#[inline(always)]
+fn add_to<V: Copy + core::ops::AddAssign>(
+    map: &PerCpuHashMap<AggKey, V>,
+    key: &AggKey,
+    delta: V,
+) -> bool {
+    if let Some(v) = map.get_ptr_mut(key) {
+        unsafe { *v += delta };
         return false;
     }
-    // Another CPU may insert the same key concurrently; per-CPU values make
-    // that harmless, and a full map lands in "other".
-    if COUNTS.insert(key, &1u64, 0).is_ok() {
+    if map.insert(key, &delta, 0).is_ok() {
         return true;
     }
-    if let Some(v) = COUNTS.get_ptr_mut(key) {
-        unsafe { *v += 1 };
+    if let Some(v) = map.get_ptr_mut(key) {
+        unsafe { *v += delta };
         return false;
     }
     bump(stat::AGG_OVERFLOW);
@@ -296,18 +307,7 @@ pub fn emit_budgeted(ev: &FlowEvent, first_of_key: bool) {
 /// Adds `delta` to the occupancy of `key` on this CPU.
 #[inline(always)]
 pub fn occupy(key: &AggKey, delta: i64) {
-    if let Some(v) = OCC.get_ptr_mut(key) {
-        unsafe { *v += delta };
-        return;
-    }
-    if OCC.insert(key, &delta, 0).is_ok() {
-        return;
-    }
-    if let Some(v) = OCC.get_ptr_mut(key) {
-        unsafe { *v += delta };
-        return;
-    }
-    bump(stat::AGG_OVERFLOW);
+    add_to(&OCC, key, delta);
 }
 
 /// Reads a `struct nf_conntrack_tuple` (stable 40-byte layout since 4.x)

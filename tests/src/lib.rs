@@ -133,13 +133,19 @@ impl Netns {
 
     /// The kernel's own conntrack `drop` counter in this netns, summed over CPUs.
     pub fn kernel_drops(&self) -> u64 {
+        self.kernel_stat("drop")
+    }
+
+    /// One column of this netns's `/proc/net/stat/nf_conntrack`, found by
+    /// its header name and summed over CPUs: the kernel's own counter.
+    pub fn kernel_stat(&self, column: &str) -> u64 {
         let text = self.exec(&["cat", "/proc/net/stat/nf_conntrack"]);
         let mut lines = text.lines();
         let header: Vec<&str> = lines.next().expect("header").split_whitespace().collect();
         let col = header
             .iter()
-            .position(|h| *h == "drop")
-            .expect("drop column");
+            .position(|h| *h == column)
+            .unwrap_or_else(|| panic!("no {column} column in {header:?}"));
         lines
             .map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
@@ -393,6 +399,21 @@ impl Drop for Ctwatch {
             let _ = c.wait();
         }
     }
+}
+
+/// `ctwatch report --json` narrowed to `ns`, in `mode`, started and
+/// attached; its window is long, the test stops it (`Ctwatch::report`).
+pub fn start_report(ns: &Netns, mode: &str) -> Ctwatch {
+    Ctwatch::start(&[
+        "report",
+        "--mode",
+        mode,
+        "--duration",
+        "120",
+        "--json",
+        "--netns",
+        &ns.name,
+    ])
 }
 
 /// Runs ctwatch to completion with the given arguments: (code, stdout, stderr).

@@ -7,25 +7,6 @@ use ctwatch_tests::*;
 
 const HOLD_PORT: u16 = 7400;
 
-fn report_args(ns: &Netns) -> Vec<String> {
-    vec![
-        "report".into(),
-        "--mode".into(),
-        mode(),
-        "--duration".into(),
-        "60".into(),
-        "--json".into(),
-        "--netns".into(),
-        ns.name.clone(),
-    ]
-}
-
-fn start_report(ns: &Netns) -> Ctwatch {
-    let args = report_args(ns);
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    Ctwatch::start(&refs)
-}
-
 fn top_key(report: &Value, list: &str) -> String {
     report["drops"][list][0]["key"]
         .as_str()
@@ -43,7 +24,7 @@ fn udp_inbound_flood_is_attributed_to_source_port_and_listener() {
     let _held = lab.fill(MAX, HOLD_PORT);
     let listener = lab.srv.peer(&["udp-listen", "0.0.0.0:5353"]);
     let before = lab.srv.kernel_drops();
-    let w = start_report(&lab.srv);
+    let w = start_report(&lab.srv, &mode());
     assert!(
         w.banner.contains(&format!("{} mode", mode())),
         "banner: {}",
@@ -82,7 +63,7 @@ fn udp_local_flood_names_the_sender() {
     let _max = MaxGuard::set(MAX as u64);
     let _held = lab.fill(MAX, HOLD_PORT);
     let before = lab.srv.kernel_drops();
-    let w = start_report(&lab.srv);
+    let w = start_report(&lab.srv, &mode());
     let (pid, out) = lab
         .srv
         .peer_run(&["udp-send", "198.18.0.2:9999", &N.to_string()]);
@@ -111,7 +92,7 @@ fn tcp_syn_flood_is_counted_per_syn() {
     let _held = lab.fill(MAX, HOLD_PORT);
     let listener = lab.srv.peer(&["tcp-listen", "0.0.0.0:7401"]);
     let before = lab.srv.kernel_drops();
-    let w = start_report(&lab.srv);
+    let w = start_report(&lab.srv, &mode());
     lab.cli
         .peer_run(&["tcp-syn", "198.18.0.1:7401", &N.to_string()]);
     settle();
@@ -141,7 +122,7 @@ fn ipv6_inbound_flood() {
     let _held = lab.fill(MAX, HOLD_PORT);
     let _listener = lab.srv.peer(&["udp-listen", "[::]:5353"]);
     let before = lab.srv.kernel_drops();
-    let w = start_report(&lab.srv);
+    let w = start_report(&lab.srv, &mode());
     lab.cli
         .peer_run(&["udp-send", "[2001:2::1]:5353", &N.to_string()]);
     settle();
@@ -166,7 +147,7 @@ fn firewall_rule_drops_are_not_table_full_drops() {
         .nft("add chain inet ctw in { type filter hook input priority 0; }");
     lab.srv.nft("add rule inet ctw in udp dport 7777 drop");
     let before = lab.srv.kernel_drops();
-    let w = start_report(&lab.srv);
+    let w = start_report(&lab.srv, &mode());
     lab.cli
         .peer_run(&["udp-send", "198.18.0.1:7777", &N.to_string()]);
     settle();
@@ -196,7 +177,7 @@ fn raw_table_drops_show_in_the_reconciliation() {
     lab.srv
         .nft("add chain inet ctw raw { type filter hook prerouting priority -300; }");
     lab.srv.nft("add rule inet ctw raw udp dport 7778 drop");
-    let w = start_report(&lab.srv);
+    let w = start_report(&lab.srv, &mode());
     lab.cli
         .peer_run(&["udp-send", "198.18.0.1:7778", &N.to_string()]);
     settle();
@@ -338,7 +319,7 @@ fn flood_totals_stay_exact_when_records_are_not_streamed() {
     let _max = MaxGuard::set(MAX as u64);
     let _held = lab.fill(MAX, HOLD_PORT);
     let before = lab.srv.kernel_drops();
-    let w = start_report(&lab.srv);
+    let w = start_report(&lab.srv, &mode());
     // One socket, 1 s flat out: far more drops than the stream budget.
     let (pid, _) = lab.srv.peer_run(&["udp-flood", "198.18.0.2:9", "1000"]);
     settle();

@@ -21,20 +21,6 @@ macro_rules! require_kernel_probes {
     };
 }
 
-fn report(ns: &Netns) -> Ctwatch {
-    let m = mode();
-    Ctwatch::start(&[
-        "report",
-        "--mode",
-        &m,
-        "--duration",
-        "120",
-        "--json",
-        "--netns",
-        &ns.name,
-    ])
-}
-
 fn item<'a>(list: &'a Value, key: &str) -> Option<&'a Value> {
     list.as_array()?.iter().find(|i| i["key"] == key)
 }
@@ -94,17 +80,6 @@ fn forced_tracepoint_gives_the_same_drop_totals() {
     let _l = lab.srv.peer(&["udp-listen", "0.0.0.0:5353"]);
     let mut totals = Vec::new();
     for m in [mode(), "tracepoint".to_string()] {
-        let ns = lab.srv.name.clone();
-        let args = [
-            "report",
-            "--mode",
-            &m,
-            "--duration",
-            "120",
-            "--json",
-            "--netns",
-            &ns,
-        ];
         let (code, _, err) = ctwatch_once(&["report", "--mode", &m, "--duration", "0.1"]);
         if m == "tracepoint" && code != 0 {
             // Before 5.17 kfree_skb has no drop reason: the error must say so.
@@ -113,7 +88,7 @@ fn forced_tracepoint_gives_the_same_drop_totals() {
             return;
         }
         let before = lab.srv.kernel_drops();
-        let w = Ctwatch::start(&args);
+        let w = start_report(&lab.srv, &m);
         lab.cli
             .peer_run(&["udp-send", "198.18.0.1:5353", &N.to_string()]);
         settle();
@@ -140,7 +115,7 @@ fn occupancy_follows_holders_up_and_down() {
     let listener = lab.srv.peer(&["tcp-listen", "0.0.0.0:7500"]);
 
     // Up: entries created while ctwatch watches.
-    let w = report(&lab.srv);
+    let w = start_report(&lab.srv, &mode());
     let holder = lab
         .cli
         .peer(&["tcp-hold", "198.18.0.1:7500", &K.to_string()]);
@@ -165,7 +140,7 @@ fn occupancy_follows_holders_up_and_down() {
 
     // Seeded: a new run starts from one ctnetlink dump, then goes down as
     // the kernel frees the entries.
-    let w = report(&lab.srv);
+    let w = start_report(&lab.srv, &mode());
     drop(holder);
     drop(listener);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -210,13 +185,13 @@ fn evictions_name_the_evicted_flows() {
     }
     assert!(held > (M as u64) * 9 / 10, "only {held} of {M} entries");
     let _max = MaxGuard::set(held);
-    let early_before = early_drops(&lab.srv);
-    let w = report(&lab.srv);
+    let early_before = lab.srv.kernel_stat("early_drop");
+    let w = start_report(&lab.srv, &mode());
     lab.cli
         .peer_run(&["udp-send", "198.18.0.1:6000", &N.to_string()]);
     settle();
     let r = w.report();
-    let kernel_evictions = early_drops(&lab.srv) - early_before;
+    let kernel_evictions = lab.srv.kernel_stat("early_drop") - early_before;
     assert!(
         kernel_evictions >= N as u64,
         "kernel early_drop counter: {kernel_evictions}"
@@ -240,16 +215,6 @@ fn evictions_name_the_evicted_flows() {
         row_count(&r, &lab.srv),
         "{r}"
     );
-}
-
-fn early_drops(ns: &Netns) -> u64 {
-    let text = ns.exec(&["cat", "/proc/net/stat/nf_conntrack"]);
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    let col = header.iter().position(|h| *h == "early_drop").unwrap();
-    lines
-        .map(|l| u64::from_str_radix(l.split_whitespace().nth(col).unwrap(), 16).unwrap())
-        .sum()
 }
 
 fn row_count(r: &Value, ns: &Netns) -> u64 {

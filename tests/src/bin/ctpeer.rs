@@ -74,13 +74,7 @@ fn main() {
                 .unwrap_or(1)
                 .max(1);
             let (mut ok, mut eperm, mut other) = (0, 0, 0);
-            let bind: SocketAddr = if addr.is_ipv4() {
-                "0.0.0.0:0"
-            } else {
-                "[::]:0"
-            }
-            .parse()
-            .unwrap();
+            let bind = any_port(&addr);
             for i in 0..n {
                 if i % 256 == 255 {
                     // Let the receiving softirq keep up: a veth backlog
@@ -101,13 +95,7 @@ fn main() {
         "udp-flood" => {
             // One socket, as fast as it goes, for N milliseconds: with the
             // table full every datagram is a new flow and a table-full drop.
-            let bind: SocketAddr = if addr.is_ipv4() {
-                "0.0.0.0:0"
-            } else {
-                "[::]:0"
-            }
-            .parse()
-            .unwrap();
+            let bind = any_port(&addr);
             let s = UdpSocket::bind(bind).expect("bind");
             let until = std::time::Instant::now() + Duration::from_millis(n as u64);
             let mut sent = 0u64;
@@ -143,6 +131,15 @@ fn main() {
             println!("syn {}", socks.len());
         }
         _ => usage(),
+    }
+}
+
+/// The wildcard address of `to`'s family, any port: a fresh source port.
+fn any_port(to: &SocketAddr) -> SocketAddr {
+    if to.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
     }
 }
 
