@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::compat::Mode;
+use crate::kernel::compat::Mode;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,9 +22,9 @@ struct Cli {
     /// Watch only this network namespace (inode number or `ip netns` name); repeatable.
     #[arg(long, value_name = "INUM|NAME", global = true)]
     netns: Vec<String>,
-    /// Rows per breakdown list.
-    #[arg(long, default_value_t = 10, global = true)]
-    top: usize,
+    /// Rows per breakdown list (1-1000).
+    #[arg(long, default_value_t = 10, global = true, value_parser = clap::value_parser!(u16).range(1..=MAX_TOP))]
+    top: u16,
     /// Log what the loader tries (repeat for more).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
@@ -74,8 +74,8 @@ enum Cmd {
     /// Watch for a window, then print one report (also on Ctrl-C / SIGTERM).
     Report {
         /// Length of the window in seconds.
-        #[arg(long, default_value_t = 10.0)]
-        duration: f64,
+        #[arg(long, default_value = "10", value_parser = seconds)]
+        duration: Duration,
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -83,33 +83,33 @@ enum Cmd {
 }
 
 #[derive(Debug, Clone, PartialEq, clap::Args)]
-pub struct TopArgs {
+pub(crate) struct TopArgs {
     /// Screen refresh interval in seconds.
-    #[arg(long, default_value_t = 1.0)]
-    pub interval: f64,
+    #[arg(long, default_value = "1", value_parser = seconds)]
+    pub(crate) interval: Duration,
     /// In tracepoint mode, how often occupancy is re-read from ctnetlink (seconds).
-    #[arg(long, default_value_t = 5.0)]
-    pub dump_interval: f64,
+    #[arg(long, default_value = "5", value_parser = seconds)]
+    pub(crate) dump_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, clap::Args)]
-pub struct DoctorArgs {
+pub(crate) struct DoctorArgs {
     /// One JSON document instead of text.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
     /// Seconds to watch the kernel before judging (0: settings and counters only).
-    #[arg(long, default_value_t = 5.0)]
-    pub watch: f64,
+    #[arg(long, default_value = "5", value_parser = seconds_or_zero)]
+    pub(crate) watch: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, clap::Args)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// Address to listen on; loopback unless told otherwise.
     #[arg(long, default_value = "127.0.0.1:9465")]
-    pub listen: std::net::SocketAddr,
+    pub(crate) listen: std::net::SocketAddr,
     /// How often the series are refreshed from the kernel (seconds).
-    #[arg(long, default_value_t = 5.0)]
-    pub interval: f64,
+    #[arg(long, default_value = "5", value_parser = seconds)]
+    pub(crate) interval: Duration,
 }
 
 /// Bounds on every time flag: below the minimum a timer would spin or
@@ -117,24 +117,40 @@ pub struct ServeArgs {
 const MIN_SECS: f64 = 0.05;
 const MAX_SECS: f64 = 30.0 * 86400.0;
 /// Rows per list beyond this help nobody and only make screens overflow.
-const MAX_TOP: usize = 1000;
+const MAX_TOP: i64 = 1000;
 
-fn in_range(v: f64) -> bool {
-    v.is_finite() && (MIN_SECS..=MAX_SECS).contains(&v)
+/// The one range of every time flag, in seconds.
+fn seconds(v: &str) -> Result<Duration, String> {
+    match v.parse::<f64>() {
+        Ok(s) if s.is_finite() && (MIN_SECS..=MAX_SECS).contains(&s) => {
+            Ok(Duration::from_secs_f64(s))
+        }
+        _ => Err(format!(
+            "must be a number of seconds between {MIN_SECS} and {MAX_SECS}"
+        )),
+    }
+}
+
+/// [`seconds`], or 0 for "not at all".
+fn seconds_or_zero(v: &str) -> Result<Duration, String> {
+    match v.parse::<f64>() {
+        Ok(0.0) => Ok(Duration::ZERO),
+        _ => seconds(v).map_err(|e| format!("{e}, or 0")),
+    }
 }
 
 /// A validated run configuration.
 #[derive(Debug, Clone)]
-pub struct Settings {
-    pub mode: Option<Mode>,
-    pub netns: Vec<String>,
-    pub top: usize,
-    pub verbose: u8,
-    pub command: Command,
+pub(crate) struct Settings {
+    pub(crate) mode: Option<Mode>,
+    pub(crate) netns: Vec<String>,
+    pub(crate) top: usize,
+    pub(crate) verbose: u8,
+    pub(crate) command: Command,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Command {
+pub(crate) enum Command {
     Drops { json: bool, max_lines: u64 },
     Events { json: bool },
     Top(TopArgs),
@@ -144,23 +160,15 @@ pub enum Command {
     Report { duration: Duration, json: bool },
 }
 
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum CliError {
-    #[error("--duration must be between {MIN_SECS} and {MAX_SECS} seconds, got {0}")]
-    Duration(f64),
-    #[error("--top must be between 1 and {MAX_TOP}")]
-    Top,
-    #[error("{0} must be between {MIN_SECS} and {MAX_SECS} seconds, got {1}")]
-    Positive(&'static str, f64),
-}
-
 impl Settings {
-    /// Parses `std::env::args`; exits with clap's usage message on bad flags.
-    pub fn from_args() -> Result<Self, CliError> {
+    /// Parses `std::env::args`; exits with clap's usage message (code 2)
+    /// on bad flags and out-of-range values.
+    pub(crate) fn from_args() -> Self {
         Self::from_cli(Cli::parse())
     }
 
-    pub fn try_from_iter<I, T>(args: I) -> Result<Result<Self, CliError>, clap::Error>
+    #[cfg(test)]
+    fn try_from_iter<I, T>(args: I) -> Result<Self, clap::Error>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
@@ -168,47 +176,17 @@ impl Settings {
         Cli::try_parse_from(args).map(Self::from_cli)
     }
 
-    fn from_cli(c: Cli) -> Result<Self, CliError> {
-        if c.top == 0 || c.top > MAX_TOP {
-            return Err(CliError::Top);
-        }
-        let positive = |name: &'static str, v: f64| {
-            if in_range(v) {
-                Ok(())
-            } else {
-                Err(CliError::Positive(name, v))
-            }
-        };
+    fn from_cli(c: Cli) -> Self {
         let command = match c.command {
             Cmd::Drops { json, max_lines } => Command::Drops { json, max_lines },
             Cmd::Events { json } => Command::Events { json },
-            Cmd::Top(t) => {
-                positive("--interval", t.interval)?;
-                positive("--dump-interval", t.dump_interval)?;
-                Command::Top(t)
-            }
+            Cmd::Top(t) => Command::Top(t),
             Cmd::Snapshot { json } => Command::Snapshot { json },
-            Cmd::Doctor(d) => {
-                if !(d.watch == 0.0 || in_range(d.watch)) {
-                    return Err(CliError::Positive("--watch", d.watch));
-                }
-                Command::Doctor(d)
-            }
-            Cmd::Serve(sv) => {
-                positive("--interval", sv.interval)?;
-                Command::Serve(sv)
-            }
-            Cmd::Report { duration, json } => {
-                if !in_range(duration) {
-                    return Err(CliError::Duration(duration));
-                }
-                Command::Report {
-                    duration: Duration::from_secs_f64(duration),
-                    json,
-                }
-            }
+            Cmd::Doctor(d) => Command::Doctor(d),
+            Cmd::Serve(sv) => Command::Serve(sv),
+            Cmd::Report { duration, json } => Command::Report { duration, json },
         };
-        Ok(Settings {
+        Settings {
             mode: match c.mode {
                 ModeArg::Auto => None,
                 ModeArg::Fentry => Some(Mode::Fentry),
@@ -216,10 +194,10 @@ impl Settings {
                 ModeArg::Tracepoint => Some(Mode::Tracepoint),
             },
             netns: c.netns,
-            top: c.top,
+            top: usize::from(c.top),
             verbose: c.verbose,
             command,
-        })
+        }
     }
 }
 
@@ -229,9 +207,8 @@ mod tests {
 
     #[test]
     fn report_flags_validate() {
-        let s = Settings::try_from_iter(["ctwatch", "report", "--duration", "2.5", "--json"])
-            .unwrap()
-            .unwrap();
+        let s =
+            Settings::try_from_iter(["ctwatch", "report", "--duration", "2.5", "--json"]).unwrap();
         assert_eq!(
             s.command,
             Command::Report {
@@ -240,10 +217,36 @@ mod tests {
             }
         );
         assert_eq!(s.mode, None);
-        let bad = Settings::try_from_iter(["ctwatch", "report", "--duration", "0"]).unwrap();
-        assert_eq!(bad.unwrap_err(), CliError::Duration(0.0));
-        let nan = Settings::try_from_iter(["ctwatch", "report", "--duration", "NaN"]).unwrap();
-        assert!(nan.is_err());
+        for bad in ["0", "NaN", "-1", "1e30"] {
+            let flag = format!("--duration={bad}");
+            let e = Settings::try_from_iter(["ctwatch", "report", &flag]).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{bad}");
+            assert!(e.to_string().contains("--duration"), "{e}");
+        }
+    }
+
+    #[test]
+    fn every_time_flag_shares_one_range() {
+        for args in [
+            &["top", "--interval", "0"][..],
+            &["top", "--dump-interval", "1e9"],
+            &["serve", "--interval", "0.001"],
+            &["doctor", "--watch=-3"],
+        ] {
+            let e = Settings::try_from_iter(std::iter::once("ctwatch").chain(args.iter().copied()))
+                .unwrap_err();
+            assert!(e.to_string().contains("between 0.05 and 2592000"), "{e}");
+        }
+        let d = Settings::try_from_iter(["ctwatch", "doctor", "--watch", "0"]).unwrap();
+        assert!(matches!(
+            d.command,
+            Command::Doctor(DoctorArgs {
+                watch: Duration::ZERO,
+                ..
+            })
+        ));
+        assert!(Settings::try_from_iter(["ctwatch", "--top", "0", "drops"]).is_err());
+        assert!(Settings::try_from_iter(["ctwatch", "--top", "1001", "drops"]).is_err());
     }
 
     #[test]
@@ -258,7 +261,6 @@ mod tests {
             "--netns",
             "4026531840",
         ])
-        .unwrap()
         .unwrap();
         assert_eq!(s.mode, Some(Mode::Tracepoint));
         assert_eq!(s.netns, vec!["edge", "4026531840"]);

@@ -1,37 +1,26 @@
-//! The top-level error: every module's typed error folded in, each with a
-//! one-line message that says what is missing and what to do.
+//! The top-level error: every lower layer's typed error folded in, each
+//! with a one-line message that says what is missing and what to do.
+//! Only commands return it; the stages below return their own.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     #[error(transparent)]
-    Cli(#[from] crate::cli::CliError),
-    /// Boxed: load errors carry kernel detail strings, and every other
-    /// variant should not pay for their size.
+    Session(#[from] crate::session::SessionError),
     #[error(transparent)]
-    Load(Box<crate::loader::LoadError>),
+    Counters(#[from] crate::source::counters::CountersError),
     #[error(transparent)]
-    Source(#[from] crate::source::SourceError),
+    Netns(#[from] crate::source::netns::NetnsError),
     #[error(transparent)]
-    Netns(#[from] crate::netns::NetnsError),
+    Serve(#[from] crate::views::http::ServeError),
     #[error(transparent)]
-    Counters(#[from] crate::counters::CountersError),
+    Terminal(#[from] crate::views::top::draw::TerminalError),
     #[error(transparent)]
-    Btf(#[from] crate::btf::BtfError),
-    #[error(transparent)]
-    Serve(#[from] crate::metrics::ServeError),
-    #[error(transparent)]
-    Top(#[from] crate::commands::top::TopError),
-    #[error(transparent)]
-    Snapshot(#[from] crate::snapshot::SnapshotError),
+    Snapshot(#[from] crate::aggregate::summary::SnapshotError),
     #[error(transparent)]
     Doctor(#[from] crate::doctor::DoctorError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("`ctwatch {what}` needs the fentry or kprobe mode, and on kernel {release} ctwatch runs in tracepoint mode (`ctwatch -v {what}` says why the others are unavailable): use `ctwatch drops` or `ctwatch report` here")]
     NeedsKernelProbes { what: &'static str, release: String },
-}
-
-impl From<crate::loader::LoadError> for Error {
-    fn from(e: crate::loader::LoadError) -> Self {
-        Error::Load(Box::new(e))
-    }
+    #[error("`ctwatch top` needs a terminal and stdout is not one: use `ctwatch report --json` or `ctwatch drops` for pipes and files")]
+    NotATerminal,
 }

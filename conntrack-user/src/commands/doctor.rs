@@ -7,7 +7,7 @@ use crate::{
     views::{doctor as view, json},
 };
 
-pub async fn run(settings: &Settings, args: &DoctorArgs) -> Result<(), Error> {
+pub(crate) async fn run(settings: &Settings, args: &DoctorArgs) -> Result<(), Error> {
     let stop = super::stop_requested()?;
     let m = doctor::measure(settings, args, stop).await?;
     let report = doctor::Report::new(m);

@@ -1,14 +1,14 @@
 //! `ctwatch snapshot`: settings and the table's contents per namespace,
 //! from one ctnetlink dump each. No eBPF is loaded.
 use crate::{
+    aggregate::summary as snapshot,
     cli::Settings,
     error::Error,
-    snapshot,
+    names::scope::Scope,
     views::{json, snapshot as view},
-    watch::Scope,
 };
 
-pub async fn run(settings: &Settings, as_json: bool) -> Result<(), Error> {
+pub(crate) async fn run(settings: &Settings, as_json: bool) -> Result<(), Error> {
     let scope = Scope::from_specs(&settings.netns)?;
     let namespaces = scope.namespaces()?;
     let named = scope.is_narrowed();

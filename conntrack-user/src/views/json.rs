@@ -1,10 +1,18 @@
 //! JSON documents and JSON lines (schemas in docs/json.md).
 use serde::Serialize;
 
+use conntrack_ebpf::stat;
+
 use crate::{
-    aggregate::{Item, RowKey},
-    event::FlowRecord,
-    reconcile::NetnsRow,
+    aggregate::breakdown::{Breakdown, Item},
+    aggregate::reconcile::NetnsRow,
+    aggregate::{
+        breakdown::BreakdownBuilder,
+        sampler::{Count, Sample},
+    },
+    names::resolver::Process,
+    session::Session,
+    source::records::{FlowRecord, Kind},
 };
 
 /// The `ctwatch report --json` document.
@@ -16,26 +24,81 @@ pub struct Report {
     /// Ring-buffer records lost (full buffer) or refused by the decoder.
     pub lost_events: u64,
     pub netns: Vec<NetnsRow>,
-    pub drops: crate::aggregate::Breakdown,
+    pub drops: Breakdown,
     /// Entries held at the end of the window.
-    pub occupancy: crate::aggregate::Breakdown,
+    pub occupancy: Breakdown,
     /// "ctnetlink seed + kernel" (kernel-probe modes) or "ctnetlink" (an end-of-window dump).
     pub occupancy_source: &'static str,
     /// Entries created during the window (kernel-probe modes only).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub new_flows: Option<crate::aggregate::Breakdown>,
+    pub new_flows: Option<Breakdown>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evictions: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clashes: Option<u64>,
     /// The evicted entries, by their creation keys.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub evicted: Option<crate::aggregate::Breakdown>,
+    pub evicted: Option<Breakdown>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub clashed: Option<crate::aggregate::Breakdown>,
+    pub clashed: Option<Breakdown>,
     /// Where ctwatch and the kernel's counters disagree, and why.
     pub reconciliation: Vec<String>,
     pub counters: ReportCounters,
+}
+
+fn breakdown(counts: &[Count], unattributed: u64, top: usize) -> Breakdown {
+    BreakdownBuilder::of(counts.iter().map(|c| (&c.flow, c.total)), unattributed).finish(top)
+}
+
+impl Report {
+    /// The report of one sample over the whole window.
+    pub(crate) fn of(session: &Session, s: &Sample, top: usize) -> Self {
+        let kernel_entries = s.sees_entries;
+        let occupancy = s.held.as_ref();
+        let stats = &s.stats;
+        // Host-wide counters, unless --netns narrows the report to the
+        // namespaces whose evicted/clashed keys are counted.
+        let host_or_scoped = |idx: u32, counts: &[Count]| {
+            if s.narrowed {
+                counts.iter().map(|c| c.total).sum()
+            } else {
+                stats.get(idx)
+            }
+        };
+        let mut reconciliation = s.problems.clone();
+        reconciliation.extend(s.reconciliation());
+        Report {
+            mode: session.mode().map(|m| m.to_string()).unwrap_or_default(),
+            kernel: session.release(),
+            duration_s: (s.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+            lost_events: s.lost_events,
+            netns: s.shown_netns().cloned().collect(),
+            drops: breakdown(&s.victims, s.unattributed, top),
+            occupancy: BreakdownBuilder::of(
+                occupancy
+                    .iter()
+                    .flat_map(|o| o.entries.iter().map(|(f, n)| (f, *n))),
+                0,
+            )
+            .finish(top),
+            occupancy_source: occupancy.map_or("ctnetlink", |o| o.source),
+            new_flows: kernel_entries.then(|| breakdown(&s.created, 0, top)),
+            evictions: kernel_entries.then(|| host_or_scoped(stat::EVICTIONS, &s.evicted)),
+            clashes: kernel_entries.then(|| host_or_scoped(stat::CLASHES, &s.clashed)),
+            evicted: kernel_entries.then(|| breakdown(&s.evicted, 0, top)),
+            clashed: kernel_entries.then(|| breakdown(&s.clashed, 0, top)),
+            reconciliation,
+            counters: ReportCounters {
+                netfilter_drops_any: stats.get(stat::NF_DROP_ANY),
+                aggregation_overflow: stats.get(stat::AGG_OVERFLOW),
+                decode_errors: stats.get(stat::DECODE_ERR),
+                entries_freed: stats.get(stat::FREED),
+                inserts: stats.get(stat::INSERTS),
+                alloc_failures_not_full: stats.get(stat::ALLOC_ERR),
+                events_not_streamed: stats.get(stat::SAMPLED),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -69,10 +132,10 @@ pub struct ProcessRef {
     pub role: Option<&'static str>,
 }
 
-impl From<&RowKey> for ProcessRef {
-    fn from(r: &RowKey) -> Self {
+impl From<&Process> for ProcessRef {
+    fn from(r: &Process) -> Self {
         Self {
-            key: r.key.clone(),
+            key: r.name.clone(),
             pid: r.pid,
             role: r.role,
         }
@@ -112,6 +175,60 @@ pub struct SummaryLine {
     pub by_src_ip: Vec<Item>,
     pub by_process: Vec<Item>,
     pub by_netns: Vec<Item>,
+}
+
+impl<'a> DropLine<'a> {
+    pub(crate) fn of(
+        flow: &'a FlowRecord,
+        netns_name: Option<String>,
+        interface: Option<String>,
+        owner: &Process,
+    ) -> Self {
+        DropLine {
+            kind: match flow.kind {
+                Kind::Drop => "drop",
+                Kind::Evict => "evict",
+                Kind::Clash => "clash",
+                Kind::New => "new",
+                Kind::SeedFree => "seed_free",
+            },
+            flow,
+            netns_name,
+            interface,
+            process: owner.into(),
+        }
+    }
+}
+
+impl SummaryLine {
+    /// One second of drops from the sample's fresh counts, `shown` of them
+    /// printed one by one already.
+    pub(crate) fn of(
+        s: &Sample,
+        shown: u64,
+        not_streamed: u64,
+        lost_events: u64,
+        top: usize,
+    ) -> Self {
+        let fresh = s.victims.iter().map(|c| (&c.flow, c.fresh));
+        let b = BreakdownBuilder::of(fresh, 0).finish(top);
+        SummaryLine {
+            kind: "summary",
+            ts: std::time::SystemTime::now()
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            interval_s: 1.0,
+            drops: b.total,
+            shown,
+            not_streamed,
+            lost_events,
+            by_dst_port: b.by_dst_port,
+            by_src_ip: b.by_src_ip,
+            by_process: b.by_process,
+            by_netns: b.by_netns,
+        }
+    }
 }
 
 pub fn line<T: Serialize>(v: &T) -> String {

@@ -1,7 +1,11 @@
-//! How results reach people and programs: text lines, JSON lines, and the
-//! report document. Views format; they never read the kernel.
-pub mod doctor;
-pub mod json;
-pub mod snapshot;
-pub mod text;
-pub mod top;
+//! Views stage: how results reach people and programs. Text, JSON lines,
+//! the report document, the `top` screen and Prometheus. Views format;
+//! they never read the kernel.
+pub(crate) mod doctor;
+pub(crate) mod http;
+pub(crate) mod json;
+pub(crate) mod label;
+pub(crate) mod prometheus;
+pub(crate) mod snapshot;
+pub(crate) mod text;
+pub(crate) mod top;

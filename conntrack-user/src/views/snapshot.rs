@@ -3,8 +3,8 @@
 use std::fmt::Write;
 
 use crate::{
-    aggregate::Item,
-    snapshot::{Presence, Snapshot},
+    aggregate::breakdown::Item,
+    aggregate::summary::{Presence, Snapshot},
 };
 
 /// Timeouts worth a glance during an incident; JSON carries all of them.
@@ -150,8 +150,8 @@ fn columns(o: &mut String, cols: [(&str, &Vec<Item>); 3]) {
 mod tests {
     use super::*;
     use crate::{
-        netns::NetnsInfo,
-        snapshot::{tests::entry, NetnsTable, Summary, TableSettings},
+        aggregate::summary::{tests::entry, NetnsTable, Summary, TableSettings},
+        source::netns::NetnsInfo,
     };
 
     #[test]
@@ -165,7 +165,7 @@ mod tests {
             name: Some("edge".into()),
             path: "/run/netns/edge".into(),
         };
-        let sysctl = crate::counters::Sysctl {
+        let sysctl = crate::source::counters::Sysctl {
             count: 67,
             max: 64,
             buckets: 1024,

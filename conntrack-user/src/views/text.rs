@@ -2,24 +2,17 @@
 use std::fmt::Write;
 
 use crate::{
-    aggregate::{Item, RowKey},
-    event::{FlowRecord, Role},
+    aggregate::breakdown::Item,
+    names::resolver::Process,
+    source::records::{FlowRecord, Role},
     views::json::{Report, SummaryLine},
+    views::label::Label,
 };
 
 fn endpoint(ip: &std::net::IpAddr, port: u16) -> String {
     match ip {
         std::net::IpAddr::V6(_) => format!("[{ip}]:{port}"),
         std::net::IpAddr::V4(_) => format!("{ip}:{port}"),
-    }
-}
-
-pub fn process(r: &RowKey) -> String {
-    match (r.pid, r.role) {
-        (Some(pid), Some(role)) => format!("{role} {}[{pid}]", r.key),
-        (None, Some(role)) => format!("{role} {}", r.key),
-        (Some(pid), None) => format!("{}[{pid}]", r.key),
-        (None, None) => r.key.clone(),
     }
 }
 
@@ -39,7 +32,7 @@ pub fn drop_line(
     r: &FlowRecord,
     netns_name: Option<&str>,
     interface: Option<&str>,
-    owner: &RowKey,
+    owner: &Process,
 ) -> String {
     let t = &r.tuple;
     let ns = match netns_name {
@@ -53,11 +46,11 @@ pub fn drop_line(
         _ => String::new(),
     };
     let what = match r.kind {
-        crate::event::Kind::Drop => "table-full drop",
-        crate::event::Kind::Evict => "evicted",
-        crate::event::Kind::Clash => "insert clash",
-        crate::event::Kind::New => "new entry",
-        crate::event::Kind::SeedFree => "freed",
+        crate::source::records::Kind::Drop => "table-full drop",
+        crate::source::records::Kind::Evict => "evicted",
+        crate::source::records::Kind::Clash => "insert clash",
+        crate::source::records::Kind::New => "new entry",
+        crate::source::records::Kind::SeedFree => "freed",
     };
     format!(
         "{} {what} {} {} -> {} netns {ns}{dir} {}",
@@ -65,20 +58,13 @@ pub fn drop_line(
         t.proto,
         endpoint(&t.src, t.sport),
         endpoint(&t.dst, t.dport),
-        process(owner)
+        Label::from(owner).line()
     )
 }
 
 fn items(list: &[Item]) -> String {
     list.iter()
-        .map(|i| {
-            let k = match (i.pid, i.role) {
-                (Some(p), Some(role)) => format!("{}[{p}] ({role})", i.key),
-                (None, Some(role)) => format!("{} ({role})", i.key),
-                _ => i.key.clone(),
-            };
-            format!("{k} {}", i.count)
-        })
+        .map(|i| format!("{} {}", Label::from(i).row(), i.count))
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -12,6 +12,7 @@
 //! container names are looked up best effort where the runtime leaves them
 //! on disk (the kubelet's `/var/log/pods/<ns>_<name>_<uid>` directories,
 //! docker's `config.v2.json`).
+use super::cache::Cache;
 use std::{
     collections::HashMap,
     fs,
@@ -22,13 +23,9 @@ use std::{
 
 /// Minimum time between two walks of the cgroup tree (or of the pod list).
 pub const RESCAN: Duration = Duration::from_secs(5);
-/// How long a process's cgroup is trusted (processes move between cgroups).
-const PID_TTL: Duration = Duration::from_secs(10);
 /// Bounds on one walk, so a pathological tree cannot stall the caller.
 const MAX_DEPTH: usize = 32;
 const MAX_DIRS: usize = 200_000;
-/// Bound on the per-pid and per-id label caches.
-const CACHE_CAP: usize = 65_536;
 
 /// The runtime that made a container's cgroup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -209,8 +206,9 @@ pub struct Cgroups {
     walked_at: Option<Instant>,
     pods: HashMap<String, String>,
     pods_at: Option<Instant>,
-    docker_names: HashMap<String, Option<String>>,
-    pid_labels: HashMap<u32, (Instant, Option<String>)>,
+    docker_names: Cache<String, Option<String>>,
+    /// Processes move between cgroups: their labels age like every name.
+    pid_labels: Cache<u32, Option<String>>,
 }
 
 impl Default for Cgroups {
@@ -227,8 +225,8 @@ impl Cgroups {
             walked_at: None,
             pods: HashMap::new(),
             pods_at: None,
-            docker_names: HashMap::new(),
-            pid_labels: HashMap::new(),
+            docker_names: Cache::default(),
+            pid_labels: Cache::default(),
         }
     }
 
@@ -311,16 +309,12 @@ impl Cgroups {
     }
 
     fn docker_name(&mut self, id: &str) -> Option<String> {
-        if let Some(n) = self.docker_names.get(id) {
-            return n.clone();
-        }
-        let name = fs::read_to_string(self.roots.docker.join(id).join("config.v2.json"))
-            .ok()
-            .and_then(|j| parse_docker_config(&j));
-        if self.docker_names.len() < CACHE_CAP {
-            self.docker_names.insert(id.to_string(), name.clone());
-        }
-        name
+        let config = self.roots.docker.join(id).join("config.v2.json");
+        self.docker_names.get_or(id.to_string(), || {
+            fs::read_to_string(config)
+                .ok()
+                .and_then(|j| parse_docker_config(&j))
+        })
     }
 
     /// A short label for a cgroup path: `pod ns/name`, `docker web`,
@@ -353,18 +347,11 @@ impl Cgroups {
 
     /// Label of the container a process runs in (cached for a while).
     pub fn label_of_pid(&mut self, pid: u32) -> Option<String> {
-        if let Some((at, l)) = self.pid_labels.get(&pid) {
-            if at.elapsed() < PID_TTL {
-                return l.clone();
-            }
+        if let Some(l) = self.pid_labels.fresh(&pid) {
+            return l.clone();
         }
         let label = self.path_of_pid(pid).and_then(|p| self.label_of_path(&p));
-        if self.pid_labels.len() >= CACHE_CAP {
-            self.pid_labels.retain(|_, (at, _)| at.elapsed() < PID_TTL);
-        }
-        if self.pid_labels.len() < CACHE_CAP {
-            self.pid_labels.insert(pid, (Instant::now(), label.clone()));
-        }
+        self.pid_labels.put(pid, label.clone());
         label
     }
 }

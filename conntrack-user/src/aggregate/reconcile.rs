@@ -5,13 +5,13 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::{
-    counters::{self, CtStats, StatsSource, Sysctl},
-    netns::NetnsInfo,
+    source::counters::{self, CtStats, StatsSource, Sysctl},
+    source::netns::NetnsInfo,
 };
 
 /// Counters of one netns at one instant.
 #[derive(Debug, Clone)]
-pub struct NetnsSnapshot {
+pub(crate) struct NetnsSnapshot {
     pub info: NetnsInfo,
     pub stats: Option<(CtStats, StatsSource)>,
     pub sysctl: Option<Sysctl>,
@@ -19,7 +19,7 @@ pub struct NetnsSnapshot {
     pub error: Option<String>,
 }
 
-pub fn snapshot(scope: &[NetnsInfo]) -> HashMap<u32, NetnsSnapshot> {
+pub(crate) fn snapshot(scope: &[NetnsInfo]) -> HashMap<u32, NetnsSnapshot> {
     scope
         .iter()
         .map(|ns| {
@@ -43,21 +43,47 @@ pub fn snapshot(scope: &[NetnsInfo]) -> HashMap<u32, NetnsSnapshot> {
         .collect()
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct NetnsRow {
-    pub inum: u32,
-    pub name: Option<String>,
-    pub count: Option<u64>,
-    pub max: Option<u64>,
-    pub buckets: Option<u64>,
+/// One namespace in one sample: the kernel's counters now, their growth
+/// over the window, and what ctwatch attributed to it. The one
+/// per-namespace record every view reads.
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub(crate) struct NetnsRow {
+    pub(crate) inum: u32,
+    pub(crate) name: Option<String>,
+    pub(crate) count: Option<u64>,
+    pub(crate) max: Option<u64>,
+    pub(crate) buckets: Option<u64>,
     /// Growth of the kernel's `drop` counter over the window.
-    pub drops_kernel: Option<u64>,
+    pub(crate) drops_kernel: Option<u64>,
     /// Table-full drops ctwatch attributed to this netns.
-    pub drops_seen: u64,
-    pub early_drop: Option<u64>,
-    pub insert_failed: Option<u64>,
+    pub(crate) drops_seen: u64,
+    pub(crate) early_drop: Option<u64>,
+    pub(crate) insert_failed: Option<u64>,
     /// Where the kernel counters came from: "procfs" or "ctnetlink".
-    pub stats_source: Option<&'static str>,
+    pub(crate) stats_source: Option<&'static str>,
+    /// `ip netns` name, else the inode with its container.
+    #[serde(skip)]
+    pub(crate) label: String,
+    /// The kernel's counters as it reports them: cumulative since the
+    /// namespace was created, not since ctwatch started.
+    #[serde(skip)]
+    pub(crate) kernel: Option<CtStats>,
+    /// Entries created since start (kernel-probe modes).
+    #[serde(skip)]
+    pub(crate) created: Option<u64>,
+    /// Why a read failed (vanished, conntrack not in use there, ...).
+    #[serde(skip)]
+    pub(crate) error: Option<String>,
+}
+
+impl NetnsRow {
+    /// Conntrack in use, or drops on either side.
+    pub(crate) fn is_active(&self) -> bool {
+        self.drops_seen > 0
+            || self.drops_kernel.unwrap_or(0) > 0
+            || self.count.unwrap_or(0) > 0
+            || self.early_drop.unwrap_or(0) > 0
+    }
 }
 
 fn source_name(s: &StatsSource) -> &'static str {
@@ -67,72 +93,51 @@ fn source_name(s: &StatsSource) -> &'static str {
     }
 }
 
-/// Rows for every netns that matters in this window (conntrack in use,
-/// drops on either side, or asked for by name), plus one note per mismatch.
-pub fn rows(
-    start: &HashMap<u32, NetnsSnapshot>,
-    end: &HashMap<u32, NetnsSnapshot>,
-    seen: &HashMap<u32, u64>,
-    why: &Context,
-    keep_all: bool,
-) -> (Vec<NetnsRow>, Vec<String>) {
-    let mut inums: Vec<u32> = start.keys().chain(seen.keys()).copied().collect();
-    inums.sort_unstable();
-    inums.dedup();
-    let mut out = Vec::new();
-    let mut notes = Vec::new();
-    for inum in inums {
-        let s = start.get(&inum);
-        let e = end.get(&inum);
-        let seen_n = seen.get(&inum).copied().unwrap_or(0);
-        let delta = |f: fn(&CtStats) -> u64| -> Option<u64> {
-            let a = s?.stats.as_ref()?;
-            let b = e?.stats.as_ref()?;
-            Some(f(&b.0).saturating_sub(f(&a.0)))
+/// One namespace's row from its counters at the window's start and now.
+pub(crate) fn row(
+    start: Option<&NetnsSnapshot>,
+    now: Option<&NetnsSnapshot>,
+    seen: u64,
+) -> NetnsRow {
+    let delta = |f: fn(&CtStats) -> u64| -> Option<u64> {
+        // A namespace first seen after the start started from zero.
+        let a = match start {
+            Some(s) => f(&s.stats.as_ref()?.0),
+            None => 0,
         };
-        let drops_kernel = delta(|c| c.drop);
-        let sysctl = e
-            .and_then(|x| x.sysctl.as_ref())
-            .or(s.and_then(|x| x.sysctl.as_ref()));
-        let row = NetnsRow {
-            inum,
-            name: s.or(e).and_then(|x| x.info.name.clone()),
-            count: sysctl.map(|x| x.count),
-            max: sysctl.map(|x| x.max),
-            buckets: sysctl.map(|x| x.buckets),
-            drops_kernel,
-            drops_seen: seen_n,
-            early_drop: delta(|c| c.early_drop),
-            insert_failed: delta(|c| c.insert_failed),
-            stats_source: e
-                .and_then(|x| x.stats.as_ref())
-                .map(|(_, src)| source_name(src)),
-        };
-        let active = seen_n > 0
-            || drops_kernel.unwrap_or(0) > 0
-            || row.count.unwrap_or(0) > 0
-            || row.early_drop.unwrap_or(0) > 0;
-        if !(active || keep_all) {
-            continue;
-        }
-        if let Some(note) = explain(&row, why) {
-            notes.push(note);
-        }
-        if s.is_some() && e.is_none() {
-            notes.push(format!(
-                "netns {inum}: vanished during the window; its counters end early"
-            ));
-        } else if let Some(err) = e.and_then(|x| x.error.as_ref()) {
-            notes.push(format!("netns {inum}: {err}"));
-        }
-        out.push(row);
+        let b = now?.stats.as_ref()?;
+        Some(f(&b.0).saturating_sub(a))
+    };
+    let sysctl = now
+        .and_then(|x| x.sysctl.as_ref())
+        .or(start.and_then(|x| x.sysctl.as_ref()));
+    let info = now.or(start).map(|x| &x.info);
+    NetnsRow {
+        inum: info.map_or(0, |i| i.inum),
+        name: info.and_then(|i| i.name.clone()),
+        count: sysctl.map(|x| x.count),
+        max: sysctl.map(|x| x.max),
+        buckets: sysctl.map(|x| x.buckets),
+        drops_kernel: delta(|c| c.drop),
+        drops_seen: seen,
+        early_drop: delta(|c| c.early_drop),
+        insert_failed: delta(|c| c.insert_failed),
+        stats_source: now
+            .and_then(|x| x.stats.as_ref())
+            .map(|(_, src)| source_name(src)),
+        label: String::new(),
+        kernel: now.and_then(|x| x.stats.as_ref()).map(|(s, _)| s.clone()),
+        created: None,
+        error: match now {
+            Some(n) => n.error.clone(),
+            None => Some("vanished during the window; its counters end early".into()),
+        },
     }
-    (out, notes)
 }
 
 /// What the explanation of a mismatch depends on.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Context {
+pub(crate) struct Context {
     /// The kernel-probe modes see conntrack's own allocation failure; the
     /// tracepoint mode infers it from the drop reason.
     pub kernel_probes: bool,
@@ -142,7 +147,7 @@ pub struct Context {
 }
 
 /// One sentence when ctwatch and the kernel disagree about a netns.
-pub fn explain(row: &NetnsRow, why: &Context) -> Option<String> {
+pub(crate) fn explain(row: &NetnsRow, why: &Context) -> Option<String> {
     let kernel = row.drops_kernel?;
     let seen = row.drops_seen;
     let inum = row.inum;
@@ -199,6 +204,7 @@ mod tests {
             early_drop: Some(0),
             insert_failed: Some(0),
             stats_source: Some("procfs"),
+            ..Default::default()
         }
     }
 

@@ -9,6 +9,17 @@ use std::{
     net::IpAddr,
 };
 
+use crate::{
+    aggregate::{
+        breakdown::port_label,
+        reconcile::NetnsRow,
+        sampler::{Count, Sample},
+        topk::OTHER,
+    },
+    names::resolver::Flow,
+    views::label::Label,
+};
+
 /// Distinct keys remembered per ranking; past it counts go to "other", so a
 /// flood from a million sources costs the same as one from a thousand.
 pub const KEY_CAP: usize = 8192;
@@ -18,8 +29,6 @@ pub const TREND_WINDOW_S: f64 = 5.0;
 /// Prefix lengths of the aggregated source dimension.
 pub const PREFIX_V4: u8 = 24;
 pub const PREFIX_V6: u8 = 64;
-/// Key of the row that sums everything past the top rows.
-pub const OTHER: &str = "other";
 
 /// What culprits and victims are ranked by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,28 +161,6 @@ impl Keys {
     }
 }
 
-/// The process dimension's label: `comm[pid] role`, and the container.
-pub fn process_label(
-    name: &str,
-    pid: Option<u32>,
-    role: Option<&str>,
-    container: Option<&str>,
-) -> String {
-    let mut s = match pid {
-        Some(p) => format!("{name}[{p}]"),
-        None => name.to_string(),
-    };
-    if let (Some(r), Some(_)) = (role, pid) {
-        s.push(' ');
-        s.push_str(r);
-    }
-    if let Some(c) = container {
-        s.push_str(" · ");
-        s.push_str(c);
-    }
-    s
-}
-
 /// A per-second rate, or what is known of it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Rate {
@@ -259,6 +246,25 @@ pub fn fmt_num(v: f64) -> String {
         format!("{:.1}M", v / 1e6)
     } else {
         format!("{:.0}M", v / 1e6)
+    }
+}
+
+impl From<&NetnsRow> for NsSample {
+    fn from(r: &NetnsRow) -> Self {
+        let k = r.kernel.as_ref();
+        NsSample {
+            inum: r.inum,
+            label: r.label.clone(),
+            count: r.count,
+            max: r.max,
+            buckets: r.buckets,
+            kernel_drops: k.map(|k| k.drop),
+            early_drop: k.map(|k| k.early_drop),
+            insert_failed: k.map(|k| k.insert_failed),
+            created: r.created,
+            full_drops: r.drops_seen,
+            error: r.error.clone(),
+        }
     }
 }
 
@@ -524,6 +530,8 @@ pub struct Model {
     occ: Option<Occupancy>,
     prev_occ: Option<Occupancy>,
     totals: Vec<(f64, Totals, u64, u64)>,
+    /// When the last sample was taken, to tell the time on its clock.
+    sampled_at: Option<std::time::Instant>,
 }
 
 impl Model {
@@ -541,7 +549,59 @@ impl Model {
             occ: None,
             prev_occ: None,
             totals: Vec::new(),
+            sampled_at: None,
         }
+    }
+
+    /// Seconds on the samples' clock, now.
+    pub(crate) fn now(&self) -> f64 {
+        self.last_t.unwrap_or(0.0) + self.sampled_at.map_or(0.0, |t| t.elapsed().as_secs_f64())
+    }
+
+    /// One sample into the model: counters, fresh counts per key and, when
+    /// it is newer than the one shown, occupancy.
+    pub(crate) fn take(&mut self, s: &Sample) {
+        let t = s.elapsed.as_secs_f64();
+        let labels: HashMap<u32, &str> =
+            s.netns.iter().map(|n| (n.inum, n.label.as_str())).collect();
+        let keys = |f: &Flow| Keys {
+            process: Label::from(&f.process).live(f.container.as_deref()),
+            dst: port_label(f.proto, f.dport),
+            src: f.src,
+            netns: labels
+                .get(&f.netns)
+                .map_or_else(|| f.netns.to_string(), |l| l.to_string()),
+            overflow: false,
+        };
+        let fresh = |counts: &[Count]| -> Vec<(Keys, u64)> {
+            counts
+                .iter()
+                .filter(|c| c.fresh > 0)
+                .map(|c| (keys(&c.flow), c.fresh))
+                .collect()
+        };
+        let tick = Tick {
+            t,
+            namespaces: s.netns.iter().map(NsSample::from).collect(),
+            drops: fresh(&s.victims),
+            created: fresh(&s.created),
+            totals: Totals {
+                lost_events: s.lost_events,
+                freed: s
+                    .sees_entries
+                    .then(|| s.stats.get(conntrack_ebpf::stat::FREED)),
+            },
+        };
+        if let Some(o) = &s.held {
+            let at = o.at.as_secs_f64();
+            if self.occ.as_ref().is_none_or(|shown| shown.t < at) {
+                let items = o.entries.iter().map(|(f, n)| (keys(f), *n)).collect();
+                self.set_occupancy(at, items);
+            }
+        }
+        self.status.notes = s.problems.clone();
+        self.push(tick);
+        self.sampled_at = Some(std::time::Instant::now());
     }
 
     pub fn sees_entries(&self) -> bool {
@@ -1127,21 +1187,5 @@ pub(crate) mod tests {
         assert_eq!((f.clashes, f.clashes_per_s), (1, Some(0.0)));
         assert_eq!(f.freed_per_s, Some(20.0));
         assert_eq!(f.lost_events, 3);
-    }
-
-    #[test]
-    fn process_labels() {
-        assert_eq!(
-            process_label("nginx", Some(8), Some("listener"), None),
-            "nginx[8] listener"
-        );
-        assert_eq!(
-            process_label("redis", Some(9), Some("sender"), Some("docker redis")),
-            "redis[9] sender · docker redis"
-        );
-        assert_eq!(
-            process_label("(no listener)", None, Some("listener"), None),
-            "(no listener)"
-        );
     }
 }

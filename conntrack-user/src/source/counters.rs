@@ -4,8 +4,8 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::ctnetlink::{self, CtnetlinkError, NFNL_SUBSYS_CTNETLINK};
-use crate::netns::{self, NetnsError, NetnsInfo};
+use crate::source::ctnetlink::{self, CtnetlinkError, NFNL_SUBSYS_CTNETLINK};
+use crate::source::netns::{self, NetnsError, NetnsInfo};
 
 /// Summed over CPUs.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
@@ -276,6 +276,13 @@ fn stats_cpu_request(seq: u32) -> [u8; 20] {
 /// Adds one CPU's reply (nfgenmsg onwards; res_id is the CPU number) to
 /// `stats`. Attributes are big-endian u32s; unknown ones are skipped so a
 /// newer kernel's additions do no harm.
+/// One CPU's reply on its own.
+pub(crate) fn decode_cpu_stats(payload: &[u8]) -> Result<CtStats, CtnetlinkError> {
+    let mut stats = CtStats::default();
+    add_cpu_stats(payload, &mut stats)?;
+    Ok(stats)
+}
+
 fn add_cpu_stats(payload: &[u8], stats: &mut CtStats) -> Result<(), CtnetlinkError> {
     let attrs = payload
         .get(4..)
@@ -484,7 +491,7 @@ entries searched found new invalid ignore delete delete_list insert insert_faile
 
     #[test]
     fn root_procfs_and_ctnetlink_agree() {
-        use crate::netns::testutil::*;
+        use crate::source::netns::testutil::*;
         use std::net::UdpSocket;
         if !can_run("root_procfs_and_ctnetlink_agree", &["ip", "nft"]) {
             return;

@@ -1,6 +1,6 @@
 //! Checks what the kernel offers, picks the attach mode, loads and attaches
 //! the eBPF programs. The choice is made here and nowhere else, from the
-//! table in [`crate::compat`].
+//! table in [`crate::kernel::compat`].
 use std::path::Path;
 
 use aya::{
@@ -9,8 +9,8 @@ use aya::{
 };
 
 use crate::{
-    btf::{self, BtfError, KernelBtf},
-    compat::{self, Attach, Mode, ProbeSpec},
+    kernel::btf::{self, BtfError, KernelBtf},
+    kernel::compat::{self, Attach, Mode, ProbeSpec},
 };
 
 /// The eBPF object, embedded at build time by `build.rs` (empty when the

@@ -15,7 +15,7 @@ use netlink_packet_netfilter::conntrack::{
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
-use crate::netns::{self, NetnsError, NetnsInfo};
+use crate::source::netns::{self, NetnsError, NetnsInfo};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct CtEntry {
@@ -241,6 +241,21 @@ pub(crate) fn walk_datagram(
         off += (len + 3) & !3;
     }
     Ok(Walk::More)
+}
+
+/// Every message of one dump datagram (any sequence number) decoded, as
+/// the dump loop would: what the datagram walker and the entry decoder
+/// make of untrusted bytes.
+pub(crate) fn decode_datagram(buf: &[u8]) -> Result<String, CtnetlinkError> {
+    let seq = NetlinkBuffer::new_checked(buf)
+        .map(|nl| nl.sequence_number())
+        .unwrap_or(0);
+    let mut out = String::new();
+    walk_datagram(buf, seq, &mut |_, payload| {
+        out.push_str(&format!("{:?}\n", decode_entry(payload)?));
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 fn kernel_error(source: io::Error) -> CtnetlinkError {
@@ -670,7 +685,7 @@ mod tests {
 
     #[test]
     fn root_dump_matches_conntrack_cli() {
-        use crate::netns::testutil::*;
+        use crate::source::netns::testutil::*;
         if !can_run(
             "root_dump_matches_conntrack_cli",
             &["ip", "nft", "conntrack"],
@@ -729,7 +744,7 @@ mod tests {
 
     #[test]
     fn root_dump_of_an_empty_table_is_empty() {
-        use crate::netns::testutil::*;
+        use crate::source::netns::testutil::*;
         if !can_run("root_dump_of_an_empty_table_is_empty", &["ip"]) {
             return;
         }

@@ -8,10 +8,10 @@ use std::{
 use conntrack_ebpf::{AggKey, FlowTuple};
 
 use crate::{
-    ctnetlink::{self, CtEntry},
-    event::{self, AggRecord, Kind, Role},
-    netns::{self, NetnsInfo},
-    source::{counts_since, KernelSource, SourceError},
+    source::ctnetlink::{self, CtEntry},
+    source::maps::{counts_since, KernelSource, SourceError},
+    source::netns::{self, NetnsInfo},
+    source::records::{self, AggRecord, Kind, Role},
 };
 
 /// What an entry from before attach is counted under: the same parts of the
@@ -52,9 +52,9 @@ impl FlowId {
         Some(FlowId {
             netns,
             proto: t.proto,
-            src: event::addr(t.family, &t.saddr).ok()?,
+            src: records::addr(t.family, &t.saddr).ok()?,
             sport: t.sport,
-            dst: event::addr(t.family, &t.daddr).ok()?,
+            dst: records::addr(t.family, &t.daddr).ok()?,
             dport: t.dport,
         })
     }
@@ -78,29 +78,21 @@ pub struct Seed {
 }
 
 impl Seed {
-    /// Builds the seed from per-netns dumps, leaving out entries the kernel
-    /// already tracks because they were created after attach.
-    pub fn from_dumps<'a>(
-        dumps: impl IntoIterator<Item = (u32, &'a [CtEntry])>,
-        created_since_attach: &HashSet<FlowId>,
-    ) -> Self {
-        let mut counts: HashMap<SeedKey, u64> = HashMap::new();
-        for (netns, entries) in dumps {
-            for e in entries {
-                if created_since_attach.contains(&FlowId::of_entry(netns, e)) {
-                    continue;
-                }
-                *counts
-                    .entry(SeedKey {
-                        netns,
-                        src: e.src,
-                        proto: e.proto,
-                        dport: e.dport,
-                    })
-                    .or_default() += 1;
-            }
+    /// Counts one dumped entry, unless the kernel already tracks it
+    /// because it was created after attach.
+    pub(crate) fn fold(&mut self, netns: u32, e: &CtEntry, exclude: &HashSet<FlowId>) {
+        if exclude.contains(&FlowId::of_entry(netns, e)) {
+            return;
         }
-        Seed { counts }
+        *self
+            .counts
+            .entry(SeedKey {
+                netns,
+                src: e.src,
+                proto: e.proto,
+                dport: e.dport,
+            })
+            .or_default() += 1;
     }
 
     /// Counts every entry of these namespaces from one ctnetlink dump each,
@@ -114,23 +106,11 @@ impl Seed {
             let inum = ns.inum;
             let exclude = exclude.clone();
             let counted = netns::run_in(ns, move || {
-                let mut counts: HashMap<SeedKey, u64> = HashMap::new();
-                ctnetlink::for_each(|e| {
-                    if !exclude.contains(&FlowId::of_entry(inum, &e)) {
-                        *counts
-                            .entry(SeedKey {
-                                netns: inum,
-                                src: e.src,
-                                proto: e.proto,
-                                dport: e.dport,
-                            })
-                            .or_default() += 1;
-                    }
-                })
-                .map(|()| counts)
+                let mut part = Seed::default();
+                ctnetlink::for_each(|e| part.fold(inum, &e, &exclude)).map(|()| part)
             });
             match counted {
-                Ok(Ok(counts)) => seed.counts.extend(counts),
+                Ok(Ok(part)) => seed.counts.extend(part.counts),
                 Ok(Err(e)) => notes.push(format!("netns {inum}: no ctnetlink dump: {e}")),
                 Err(e) => notes.push(format!("netns {inum}: {e}")),
             }
@@ -146,10 +126,6 @@ impl Seed {
             }
         }
         self.counts.retain(|_, c| *c > 0);
-    }
-
-    pub fn total(&self) -> u64 {
-        self.counts.values().sum()
     }
 
     /// What remains, as records without hook context.
@@ -216,7 +192,7 @@ impl Held {
         let frees = counts_since(counts_now, &self.frees_applied)
             .into_iter()
             .filter(|(k, _)| k.kind == conntrack_ebpf::kind::SEED_FREE)
-            .filter_map(|(k, n)| Some((SeedKey::of_record(&event::decode_key(&k).ok()?), n)));
+            .filter_map(|(k, n)| Some((SeedKey::of_record(&records::decode_key(&k).ok()?), n)));
         self.seed.apply_frees(frees);
         self.frees_applied = counts_now.clone();
         let live = source.occupancy()?;
@@ -225,7 +201,7 @@ impl Held {
             .records()
             .chain(
                 live.into_iter().filter_map(|(k, n)| {
-                    Some((event::decode_key(&k).ok()?, u64::try_from(n).ok()?))
+                    Some((records::decode_key(&k).ok()?, u64::try_from(n).ok()?))
                 }),
             )
             .collect())
@@ -263,6 +239,10 @@ mod tests {
         }
     }
 
+    fn total(s: &Seed) -> u64 {
+        s.records().map(|(_, n)| n).sum()
+    }
+
     #[test]
     fn seed_counts_by_source_and_port_and_skips_known_flows() {
         let dump = vec![
@@ -271,8 +251,11 @@ mod tests {
             entry("198.18.0.3", 40000, 80),
         ];
         let known = HashSet::from([FlowId::of_entry(7, &dump[2])]);
-        let seed = Seed::from_dumps([(7u32, dump.as_slice())], &known);
-        assert_eq!(seed.total(), 2);
+        let mut seed = Seed::default();
+        for e in &dump {
+            seed.fold(7, e, &known);
+        }
+        assert_eq!(total(&seed), 2);
         let (rec, n) = seed.records().next().unwrap();
         assert_eq!(
             (rec.src.to_string(), rec.dport, n),
@@ -284,7 +267,10 @@ mod tests {
     #[test]
     fn frees_bring_the_seed_down_and_never_below_zero() {
         let dump = vec![entry("198.18.0.2", 1, 7400), entry("198.18.0.2", 2, 7400)];
-        let mut seed = Seed::from_dumps([(7u32, dump.as_slice())], &HashSet::new());
+        let mut seed = Seed::default();
+        for e in &dump {
+            seed.fold(7, e, &HashSet::new());
+        }
         let key = SeedKey {
             netns: 7,
             src: "198.18.0.2".parse().unwrap(),
@@ -292,8 +278,8 @@ mod tests {
             dport: 7400,
         };
         seed.apply_frees([(key.clone(), 1)]);
-        assert_eq!(seed.total(), 1);
+        assert_eq!(total(&seed), 1);
         seed.apply_frees([(key, 5)]);
-        assert_eq!(seed.total(), 0);
+        assert_eq!(total(&seed), 0);
     }
 }

@@ -62,17 +62,6 @@ pub enum NetnsError {
     },
 }
 
-/// Inode of the calling thread's network namespace, or 0 if /proc is missing.
-///
-/// thread-self rather than self: inside [`run_in`] the helper thread is in a
-/// different netns from the main thread.
-pub fn self_inum() -> u32 {
-    fs::metadata("/proc/thread-self/ns/net")
-        .or_else(|_| fs::metadata("/proc/self/ns/net"))
-        .map(|m| m.ino() as u32)
-        .unwrap_or(0)
-}
-
 /// Every network namespace on the host that a process, a thread or an
 /// `ip netns` bind mount keeps alive, sorted by inode number.
 ///
@@ -301,6 +290,17 @@ fn is_netns_file(file: &File) -> bool {
 /// namespaces that are deleted even when a test panics.
 #[cfg(test)]
 pub(crate) mod testutil {
+    /// Inode of the calling thread's network namespace, or 0 if /proc is missing.
+    ///
+    /// thread-self rather than self: inside [`run_in`] the helper thread is in a
+    /// different netns from the main thread.
+    pub(crate) fn self_inum() -> u32 {
+        fs::metadata("/proc/thread-self/ns/net")
+            .or_else(|_| fs::metadata("/proc/self/ns/net"))
+            .map(|m| m.ino() as u32)
+            .unwrap_or(0)
+    }
+
     use super::*;
     use std::process::{Command, Output, Stdio};
     use std::sync::atomic::{AtomicU32, Ordering};

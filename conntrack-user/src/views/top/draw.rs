@@ -1,14 +1,14 @@
-//! Draws one frame of `ctwatch top` from the [`live::Model`]: namespaces
+//! Draws one frame of `ctwatch top` from the [`model::Model`]: namespaces
 //! with fill and rates, culprits, victims and a footer of counters.
 use ratatui::{
     layout::{Constraint, Layout, Rect},
     style::{Color, Modifier, Style},
     text::{Line, Span},
     widgets::{Block, Cell, Paragraph, Row, Table},
-    Frame,
+    DefaultTerminal, Frame,
 };
 
-use crate::live::{self, fmt_num, Model, NsRow, Rate};
+use crate::views::top::model::{self, fmt_num, Model, NsRow, Rate};
 
 /// Width of the fill bar, in cells.
 const BAR: usize = 10;
@@ -75,8 +75,8 @@ fn ns_row(r: &NsRow, wide: bool) -> Row<'static> {
         None => Cell::from(r.error.clone().unwrap_or_else(|| "unreadable".into())).style(dim()),
     };
     let to_full_style = match r.to_full {
-        live::TimeToFull::Full => Style::default().fg(Color::Red).add_modifier(Modifier::BOLD),
-        live::TimeToFull::In(s) if s < 300.0 => Style::default().fg(Color::Yellow),
+        model::TimeToFull::Full => Style::default().fg(Color::Red).add_modifier(Modifier::BOLD),
+        model::TimeToFull::In(s) if s < 300.0 => Style::default().fg(Color::Yellow),
         _ => Style::default(),
     };
     let drops = |v: Option<f64>| {
@@ -187,7 +187,7 @@ struct Ranked<'a> {
     empty: &'a str,
 }
 
-fn ranked(f: &mut Frame, area: Rect, spec: Ranked, rows: &[live::Row]) {
+fn ranked(f: &mut Frame, area: Rect, spec: Ranked, rows: &[model::Row]) {
     let mut head = vec!["key"];
     if let Some(r) = spec.rate_col {
         head.push(r);
@@ -218,7 +218,7 @@ fn ranked(f: &mut Frame, area: Rect, spec: Ranked, rows: &[live::Row]) {
             if spec.with_flow {
                 cells.push(Cell::from(r.flow.clone()).style(dim()));
             }
-            let style = if r.key == live::OTHER {
+            let style = if r.key == crate::aggregate::topk::OTHER {
                 dim()
             } else {
                 Style::default()
@@ -275,7 +275,7 @@ fn footer(f: &mut Frame, area: Rect, m: &Model, now: f64) {
         Some(every) => {
             let age = m
                 .occupancy_age(now)
-                .map(|a| format!("last {} ago", live::fmt_secs(a)))
+                .map(|a| format!("last {} ago", model::fmt_secs(a)))
                 .unwrap_or_else(|| "first dump pending".into());
             format!(
                 "tracepoint mode: occupancy refreshes from ctnetlink every {}s ({age}); \
@@ -300,8 +300,43 @@ fn footer(f: &mut Frame, area: Rect, m: &Model, now: f64) {
     f.render_widget(Paragraph::new(lines), area);
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("cannot drive the terminal: {0}; check that TERM names a terminal that supports the alternate screen")]
+pub(crate) struct TerminalError(#[from] std::io::Error);
+
+/// Raw mode and the alternate screen for as long as it lives, through
+/// ratatui's own init, whose panic hook restores the terminal on a panic;
+/// restored on drop otherwise.
+pub(crate) struct Screen {
+    term: DefaultTerminal,
+}
+
+impl Screen {
+    pub(crate) fn enter() -> Result<Self, TerminalError> {
+        match ratatui::try_init() {
+            Ok(term) => Ok(Screen { term }),
+            Err(e) => {
+                ratatui::restore();
+                Err(e.into())
+            }
+        }
+    }
+
+    pub(crate) fn draw(&mut self, m: &Model, now: f64) -> Result<(), TerminalError> {
+        self.term.draw(|f| draw(f, m, now))?;
+        Ok(())
+    }
+}
+
+impl Drop for Screen {
+    fn drop(&mut self) {
+        let _ = self.term.show_cursor();
+        ratatui::restore();
+    }
+}
+
 /// Draws the whole screen. `now` is on the same clock as the model's ticks.
-pub fn draw(f: &mut Frame, m: &Model, now: f64) {
+fn draw(f: &mut Frame, m: &Model, now: f64) {
     let area = f.area();
     let footer_h = 2 + u16::from(!m.status.notes.is_empty());
     // Namespaces get up to a third of the screen, the two ranked panels
@@ -408,7 +443,7 @@ mod tests {
     use ratatui::{backend::TestBackend, Terminal};
 
     use super::*;
-    use crate::live::{
+    use crate::views::top::model::{
         tests::{keys, ns},
         Model, Tick, Totals,
     };

@@ -6,7 +6,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, Ring
 use conntrack_ebpf::{stat, AggKey, FlowEvent};
 use tokio::io::unix::AsyncFd;
 
-use crate::{event, loader::Loaded};
+use crate::{kernel::loader::Loaded, source::records as event};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -147,11 +147,13 @@ impl KernelSource {
 
     /// Flows of the entries created since attach and still live (used once,
     /// right after attach, to keep the seed dump from counting them twice).
-    pub fn live_flows(&self) -> std::collections::HashSet<crate::occupancy::FlowId> {
+    pub fn live_flows(&self) -> std::collections::HashSet<crate::aggregate::occupancy::FlowId> {
         self.live
             .iter()
             .filter_map(Result::ok)
-            .filter_map(|(_, ev)| crate::occupancy::FlowId::of_tuple(ev.netns, &ev.tuple))
+            .filter_map(|(_, ev)| {
+                crate::aggregate::occupancy::FlowId::of_tuple(ev.netns, &ev.tuple)
+            })
             .collect()
     }
 

@@ -16,7 +16,7 @@ use procfs::net::{TcpNetEntries, TcpState, UdpNetEntries};
 use procfs::process::FDTarget;
 use procfs::FromBufReadSI;
 
-use crate::netns::{self, NetnsError, NetnsInfo};
+use crate::source::netns::{self, NetnsError, NetnsInfo};
 
 /// Minimum time between two rebuilds of one table.
 pub const REFRESH: Duration = Duration::from_millis(500);
@@ -32,7 +32,7 @@ pub struct Owner {
 }
 
 #[derive(Debug, Default)]
-pub struct Attributor {
+pub struct Sockets {
     /// Socket inode -> lowest PID holding it (a forked server's parent).
     sockets: HashMap<u64, u32>,
     sockets_at: Option<Instant>,
@@ -42,7 +42,6 @@ pub struct Attributor {
     ports: HashMap<u32, PortTable>,
     netns: HashMap<u32, NetnsInfo>,
     netns_at: Option<Instant>,
-    malformed: u64,
     proc_scans: u64,
 }
 
@@ -70,20 +69,11 @@ enum TableError {
     },
 }
 
-impl Attributor {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// /proc lines that could not be parsed and were skipped, since creation.
-    pub fn malformed_lines(&self) -> u64 {
-        self.malformed
-    }
-
+impl Sockets {
     /// The process holding the socket with inode `sock_ino` (found through
     /// /proc/*/fd). `None` if no process holds it any more, or never did
     /// as far as /proc shows.
-    pub fn socket_owner(&mut self, sock_ino: u64) -> Option<Owner> {
+    pub fn owner(&mut self, sock_ino: u64) -> Option<Owner> {
         for _ in 0..2 {
             let hit = self.sockets.contains_key(&sock_ino);
             if due(self.sockets_at, hit) {
@@ -126,7 +116,7 @@ impl Attributor {
             }
         }
         let inodes = self.ports.get(&netns_inum)?.lookup(proto, port)?.to_vec();
-        inodes.into_iter().find_map(|ino| self.socket_owner(ino))
+        inodes.into_iter().find_map(|ino| self.owner(ino))
     }
 
     /// The command name of `pid`, `None` once it has exited.
@@ -199,10 +189,15 @@ impl Attributor {
         let files = files.map_err(|(path, source)| TableError::Read { path, inum, source })?;
         let mut table = PortTable::empty();
         for (path, text) in files {
-            if path.contains("tcp") {
-                parse_tcp_listeners(&text, &mut table.tcp, &mut self.malformed);
-            } else {
-                parse_udp_bound(&text, &mut table.udp, &mut self.malformed);
+            let mut malformed = 0;
+            let tcp = path.contains("tcp");
+            let ports = if tcp { &mut table.tcp } else { &mut table.udp };
+            parse_table(&text, tcp, ports, &mut malformed);
+            // Attribution is best effort: the rest of the table still counts.
+            if malformed > 0 {
+                log::warn!(
+                    "skipped {malformed} malformed lines of {path} in network namespace {inum}"
+                );
             }
         }
         Ok(table)
@@ -280,6 +275,20 @@ fn parse_lines<'a, T>(
 /// Data lines of a /proc/net socket table: no header, no blank lines.
 fn data_lines(text: &str) -> impl Iterator<Item = &str> {
     text.lines().skip(1).filter(|l| !l.trim().is_empty())
+}
+
+/// One socket table: TCP listeners or bound UDP sockets, by local port.
+pub(crate) fn parse_table(
+    text: &str,
+    tcp: bool,
+    ports: &mut HashMap<u16, Vec<u64>>,
+    malformed: &mut u64,
+) {
+    if tcp {
+        parse_tcp_listeners(text, ports, malformed)
+    } else {
+        parse_udp_bound(text, ports, malformed)
+    }
 }
 
 fn parse_tcp_listeners(text: &str, ports: &mut HashMap<u16, Vec<u64>>, malformed: &mut u64) {
@@ -399,13 +408,13 @@ mod tests {
 
     #[test]
     fn misses_do_not_rescan_proc_each_time() {
-        let mut a = Attributor::new();
+        let mut a = Sockets::default();
         for ino in 1..1000 {
-            assert_eq!(a.socket_owner(ino), None);
+            assert_eq!(a.owner(ino), None);
         }
         assert_eq!(a.proc_scans, 1);
         assert_eq!(
-            a.listener(netns::self_inum(), 1, 80),
+            a.listener(netns::testutil::self_inum(), 1, 80),
             None,
             "ICMP has no ports"
         );
@@ -413,7 +422,7 @@ mod tests {
 
     #[test]
     fn comm_of_self_and_of_nobody() {
-        let mut a = Attributor::new();
+        let mut a = Sockets::default();
         let me = fs::read_to_string("/proc/self/comm").unwrap();
         assert_eq!(
             a.comm_of(std::process::id()).as_deref(),
@@ -435,7 +444,7 @@ mod tests {
 
     #[test]
     fn root_listener_and_socket_owner_in_a_netns() {
-        use crate::netns::testutil::*;
+        use crate::source::netns::testutil::*;
         if !can_run("root_listener_and_socket_owner_in_a_netns", &["ip"]) {
             return;
         }
@@ -449,7 +458,7 @@ mod tests {
         })
         .unwrap();
 
-        let mut a = Attributor::new();
+        let mut a = Sockets::default();
         let inum = ns.info.inum;
         assert_eq!(a.listener(inum, 17, 5353), Some(me()));
         assert_eq!(a.listener(inum, 6, 8080), Some(me()));
@@ -461,7 +470,7 @@ mod tests {
         );
         assert_eq!(a.listener(inum, 17, 8080), None);
         // Same ports, other netns: ours has none of these sockets.
-        assert_ne!(netns::self_inum(), inum);
+        assert_ne!(netns::testutil::self_inum(), inum);
 
         let ino = fs::metadata(format!(
             "/proc/self/fd/{}",
@@ -469,13 +478,12 @@ mod tests {
         ))
         .unwrap()
         .ino();
-        assert_eq!(a.socket_owner(ino), Some(me()));
-        assert_eq!(a.malformed_lines(), 0);
+        assert_eq!(a.owner(ino), Some(me()));
 
         // A closed socket is still a cached hit until MAX_AGE, then a
         // rebuild forgets it.
         drop(udp);
-        let fresh = Attributor::new().listener(inum, 17, 5353);
+        let fresh = Sockets::default().listener(inum, 17, 5353);
         assert_eq!(fresh, None);
         std::thread::sleep(REFRESH);
         assert_eq!(
@@ -487,13 +495,13 @@ mod tests {
         a.sockets_at = Some(long_ago);
         a.ports.get_mut(&inum).unwrap().at = long_ago;
         assert_eq!(a.listener(inum, 17, 5353), None);
-        assert_eq!(a.socket_owner(ino), None);
+        assert_eq!(a.owner(ino), None);
         drop((tcp6, tcp4));
     }
 
     #[test]
     fn unknown_netns_has_no_listeners() {
-        let mut a = Attributor::new();
+        let mut a = Sockets::default();
         assert_eq!(a.listener(1, 6, 22), None);
         assert_eq!(a.listener(1, 6, 22), None);
     }

@@ -9,9 +9,7 @@
 //! strings are built only for the rows that are printed.
 use std::{
     collections::{BTreeMap, HashMap},
-    fs,
-    hash::Hash,
-    io,
+    fs, io,
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -19,11 +17,14 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    aggregate::{Item, RowKey, TopK},
-    counters::{self, CountersError},
-    ctnetlink::{self, CtEntry, CtnetlinkError},
-    event::{self, Role},
-    netns::{self, NetnsError, NetnsInfo},
+    aggregate::{
+        breakdown::{named, Item},
+        topk::TopK,
+    },
+    source::counters::{self, CountersError},
+    source::ctnetlink::{self, CtEntry, CtnetlinkError},
+    source::netns::{self, NetnsError, NetnsInfo},
+    source::records::{self, Role},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -202,10 +203,10 @@ impl PortKey {
 impl std::fmt::Display for PortKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if has_ports(self.proto) {
-            write!(f, "{}/{}", event::proto_name(self.proto), self.port)
+            write!(f, "{}/{}", records::proto_name(self.proto), self.port)
         } else {
             // An ICMP "port" is type and code; a port list is the wrong place for it.
-            f.write_str(&event::proto_name(self.proto))
+            f.write_str(&records::proto_name(self.proto))
         }
     }
 }
@@ -213,65 +214,6 @@ impl std::fmt::Display for PortKey {
 /// TCP, UDP, DCCP, SCTP, UDP-Lite.
 pub fn has_ports(proto: u8) -> bool {
     matches!(proto, 6 | 17 | 33 | 132 | 136)
-}
-
-/// Counts per key with a bound on distinct keys; the excess goes to `other`.
-#[derive(Debug, Clone)]
-pub struct Tally<K> {
-    counts: HashMap<K, u64>,
-    cap: usize,
-    other: u64,
-}
-
-impl<K: Hash + Eq + Copy + Ord> Tally<K> {
-    pub fn new(cap: usize) -> Self {
-        Self {
-            counts: HashMap::new(),
-            cap: cap.max(1),
-            other: 0,
-        }
-    }
-
-    pub fn add(&mut self, k: K, n: u64) {
-        if let Some(c) = self.counts.get_mut(&k) {
-            *c += n;
-        } else if self.counts.len() < self.cap {
-            self.counts.insert(k, n);
-        } else {
-            self.other += n;
-        }
-    }
-
-    pub fn total(&self) -> u64 {
-        self.counts.values().sum::<u64>() + self.other
-    }
-
-    /// The largest key (ties by key order, so the answer is stable).
-    pub fn leader(&self) -> Option<(K, u64)> {
-        self.counts
-            .iter()
-            .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))
-            .map(|(k, n)| (*k, *n))
-    }
-
-    /// The `k` largest rows plus an "other" row, through [`TopK`] so every
-    /// list in ctwatch sorts and folds the same way.
-    pub fn items(&self, k: usize, name: impl Fn(&K) -> String) -> Vec<Item> {
-        // Only the rows that can be printed need a name; the rest is "other".
-        let mut rows: Vec<(&K, u64)> = self.counts.iter().map(|(k, n)| (k, *n)).collect();
-        rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-        let mut t = TopK::new(k.saturating_add(1));
-        let mut rest = self.other;
-        for (i, (key, n)) in rows.into_iter().enumerate() {
-            if i < k {
-                t.add(RowKey::plain(name(key)), n);
-            } else {
-                rest += n;
-            }
-        }
-        t.add_other(rest);
-        t.top(k)
-    }
 }
 
 /// One namespace's dump, summarised.
@@ -287,9 +229,9 @@ pub struct Summary {
     /// Entries that never saw a reply packet.
     pub unreplied: u64,
     pub udp_unreplied: u64,
-    pub src: Tally<IpAddr>,
-    pub dst_port: Tally<PortKey>,
-    pub pair: Tally<(IpAddr, PortKey)>,
+    pub src: TopK<IpAddr>,
+    pub dst_port: TopK<PortKey>,
+    pub pair: TopK<(IpAddr, PortKey)>,
 }
 
 impl Summary {
@@ -308,9 +250,9 @@ impl Summary {
             assured: 0,
             unreplied: 0,
             udp_unreplied: 0,
-            src: Tally::new(budget),
-            dst_port: Tally::new(budget),
-            pair: Tally::new(budget),
+            src: TopK::new(budget),
+            dst_port: TopK::new(budget),
+            pair: TopK::new(budget),
         };
         // Borrowed from the dump: a state name costs nothing per entry.
         let mut states: HashMap<&str, u64> = HashMap::new();
@@ -355,7 +297,7 @@ impl Summary {
             .iter()
             .enumerate()
             .filter(|(_, n)| **n > 0)
-            .map(|(p, n)| (event::proto_name(p as u8), *n))
+            .map(|(p, n)| (records::proto_name(p as u8), *n))
             .collect()
     }
 
@@ -408,9 +350,9 @@ impl NetnsTable {
             tcp_states: s.tcp_states.clone(),
             assured: s.assured,
             unreplied: s.unreplied,
-            top_src_ip: s.src.items(top, |ip| ip.to_string()),
-            top_dst_port: s.dst_port.items(top, |p| p.to_string()),
-            top_src_dst_port: s.pair.items(top, |(ip, p)| format!("{ip} {p}")),
+            top_src_ip: named(&s.src, top, |ip| ip.to_string()),
+            top_dst_port: named(&s.dst_port, top, |p| p.to_string()),
+            top_src_dst_port: named(&s.pair, top, |(ip, p)| format!("{ip} {p}")),
         }
     }
 }
@@ -487,12 +429,8 @@ pub fn take(scope: &[NetnsInfo], named: bool, top: usize) -> Result<Snapshot, Sn
 
 /// Whether a port's entries are inbound (something listens on it in that
 /// namespace) or of unknown direction: a dump carries no hook context.
-pub fn role_of_port(
-    attributor: &mut crate::attribution::Attributor,
-    netns: u32,
-    p: PortKey,
-) -> Role {
-    if has_ports(p.proto) && attributor.listener(netns, p.proto, p.port).is_some() {
+pub fn role_of_port(sockets: &mut crate::names::sockets::Sockets, netns: u32, p: PortKey) -> Role {
+    if has_ports(p.proto) && sockets.listener(netns, p.proto, p.port).is_some() {
         Role::Inbound
     } else {
         Role::Unknown
@@ -576,26 +514,26 @@ pub(crate) mod tests {
         assert_eq!(
             s.dst_port.leader(),
             Some((
-                PortKey {
+                &PortKey {
                     proto: 6,
                     port: 7400
                 },
                 64
             ))
         );
-        let ports = s.dst_port.items(2, |p| p.to_string());
+        let ports = named(&s.dst_port, 2, |p| p.to_string());
         let rows: Vec<_> = ports.iter().map(|i| (i.key.as_str(), i.count)).collect();
         assert_eq!(
             rows,
             vec![("tcp/7400", 64), ("udp/5353", 20), ("other", 13)]
         );
         // ICMP has no port: its type/code must not pose as one.
-        let all = s.dst_port.items(10, |p| p.to_string());
+        let all = named(&s.dst_port, 10, |p| p.to_string());
         assert!(
             all.iter().any(|i| i.key == "icmpv6" && i.count == 3),
             "{all:?}"
         );
-        let pairs = s.pair.items(1, |(ip, p)| format!("{ip} {p}"));
+        let pairs = named(&s.pair, 1, |(ip, p)| format!("{ip} {p}"));
         assert_eq!(pairs[0].key, "198.18.0.2 tcp/7400");
         assert_eq!(pairs[1].key, "other");
         assert_eq!(pairs[1].count, 33);
@@ -649,8 +587,14 @@ pub(crate) mod tests {
             .map(|i| entry(17, &format!("10.0.{}.{}", i / 256, i % 256), 53, None, 0))
             .collect();
         let s = Summary::of_with_budget(&v, 100);
-        assert_eq!(s.src.total(), 1000);
-        let items = s.src.items(5, |ip| ip.to_string());
+        assert_eq!(
+            named(&s.src, 1, |ip| ip.to_string())
+                .iter()
+                .map(|i| i.count)
+                .sum::<u64>(),
+            1000
+        );
+        let items = named(&s.src, 5, |ip| ip.to_string());
         assert_eq!(items.iter().map(|i| i.count).sum::<u64>(), 1000);
         assert_eq!(items[0].key, "other");
     }
@@ -675,10 +619,16 @@ pub(crate) mod tests {
         let s = Summary::of(&v);
         eprintln!("summarised {} entries in {:?}", v.len(), t.elapsed());
         assert_eq!(s.entries, 262_144);
-        assert_eq!(s.src.total(), 262_144);
+        assert_eq!(
+            named(&s.src, 1, |ip| ip.to_string())
+                .iter()
+                .map(|i| i.count)
+                .sum::<u64>(),
+            262_144
+        );
         assert_eq!(s.src.leader().map(|(_, n)| n), Some(4));
-        assert_eq!(s.dst_port.items(10, |p| p.to_string())[0].count, 262_144);
-        let pairs = s.pair.items(3, |(ip, p)| format!("{ip} {p}"));
+        assert_eq!(named(&s.dst_port, 10, |p| p.to_string())[0].count, 262_144);
+        let pairs = named(&s.pair, 3, |(ip, p)| format!("{ip} {p}"));
         assert_eq!(
             pairs.first().map(|i| (i.key.as_str(), i.count)),
             Some(("other", 262_144 - 12))

@@ -6,7 +6,7 @@
 //! (`/sys/kernel/btf/vmlinux`, plus the split BTF of modules such as
 //! `/sys/kernel/btf/nf_conntrack`) at load time, resolves every offset and enum
 //! value the programs need, and hands them over in the `CONFIG` global
-//! ([`conntrack_ebpf::Config`], filled by [`resolve_config`]).
+//! ([`conntrack_ebpf::Config`], filled by [`resolve_layout`]).
 //!
 //! Lookups search vmlinux first, then each loaded module in the order it was
 //! added; the first match wins.
@@ -255,11 +255,6 @@ impl KernelBtf {
         Ok(())
     }
 
-    /// The vmlinux BTF file this was loaded from.
-    pub fn vmlinux_path(&self) -> &Path {
-        &self.vmlinux_path
-    }
-
     /// Names of the modules whose BTF is loaded, in search order.
     pub fn modules(&self) -> impl Iterator<Item = &str> {
         self.modules.iter().map(|m| m.name.as_str())
@@ -316,6 +311,7 @@ impl KernelBtf {
     }
 
     /// Size in bytes of a struct or union (or a typedef of one).
+    #[cfg(test)]
     pub fn struct_size(&self, name: &str) -> Result<u32, BtfError> {
         let (_, s) = self.find_composite(name)?;
         u32::try_from(s.size())
@@ -503,6 +499,7 @@ fn find_member(
 /// Fills every field of [`Config`] that comes from BTF (`stream_new` is left
 /// 0: it is the caller's choice, not a kernel fact). Fails on kernels without drop reasons (before 5.17):
 /// use [`resolve_layout`] for the modes that do not need them.
+#[cfg(test)]
 pub fn resolve_config(btf: &KernelBtf) -> Result<Config, BtfError> {
     let reason = netfilter_drop_reason(btf)?;
     Ok(Config {

@@ -1,0 +1,5 @@
+//! Loader stage: what the running kernel offers (BTF, the mode table) and
+//! the loading and attaching of the eBPF programs.
+pub(crate) mod btf;
+pub(crate) mod compat;
+pub(crate) mod loader;
