@@ -49,6 +49,16 @@ pub(crate) struct Streaming {
     pub(crate) budget: u32,
 }
 
+impl Streaming {
+    /// What a command that counts needs: records only to name owners while
+    /// they live (the first of each key always goes through), never one per
+    /// packet; the numbers come from the in-kernel maps.
+    pub(crate) const NAMES: Streaming = Streaming {
+        new_entries: false,
+        budget: 64,
+    };
+}
+
 /// The attached programs and what reads them.
 pub(crate) struct Probes {
     pub(crate) loaded: Loaded,

@@ -5,13 +5,13 @@ use std::{
     net::IpAddr,
 };
 
-use conntrack_ebpf::{AggKey, FlowTuple};
+use conntrack_ebpf::AggKey;
 
 use crate::{
     source::ctnetlink::{self, CtEntry},
     source::maps::{counts_since, KernelSource, SourceError},
     source::netns::{self, NetnsInfo},
-    source::records::{self, AggRecord, Kind, Role},
+    source::records::{self, AggRecord, FlowId, Kind, Role},
 };
 
 /// What an entry from before attach is counted under: the same parts of the
@@ -31,42 +31,6 @@ impl SeedKey {
             src: r.src,
             proto: r.proto,
             dport: r.dport,
-        }
-    }
-}
-
-/// One flow's identity, to recognise an entry both dumped and created
-/// since attach.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct FlowId {
-    pub netns: u32,
-    pub proto: u8,
-    pub src: IpAddr,
-    pub sport: u16,
-    pub dst: IpAddr,
-    pub dport: u16,
-}
-
-impl FlowId {
-    pub fn of_tuple(netns: u32, t: &FlowTuple) -> Option<Self> {
-        Some(FlowId {
-            netns,
-            proto: t.proto,
-            src: records::addr(t.family, &t.saddr).ok()?,
-            sport: t.sport,
-            dst: records::addr(t.family, &t.daddr).ok()?,
-            dport: t.dport,
-        })
-    }
-
-    pub fn of_entry(netns: u32, e: &CtEntry) -> Self {
-        FlowId {
-            netns,
-            proto: e.proto,
-            src: e.src,
-            sport: e.sport,
-            dst: e.dst,
-            dport: e.dport,
         }
     }
 }

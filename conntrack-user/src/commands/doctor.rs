@@ -10,7 +10,7 @@ use crate::{
 pub(crate) async fn run(settings: &Settings, args: &DoctorArgs) -> Result<(), Error> {
     let stop = super::stop_requested()?;
     let m = doctor::measure(settings, args, stop).await?;
-    let report = doctor::Report::new(m);
+    let report = doctor::Diagnosis::new(m);
     if args.json {
         println!("{}", json::line(&report));
     } else {

@@ -15,15 +15,7 @@ pub(crate) async fn run(
     as_json: bool,
 ) -> Result<(), Error> {
     let stop = super::stop_requested()?;
-    // A report needs one record per key (to name owners while they live);
-    // the counts come from the in-kernel maps.
-    let mut session = Session::attach(
-        settings,
-        Streaming {
-            new_entries: false,
-            budget: 64,
-        },
-    )?;
+    let mut session = Session::attach(settings, Streaming::NAMES)?;
     let mut sampler = Sampler::start(&mut session, Dumps::EachSample)?;
     eprintln!(
         "{}; reporting after {:.1}s (Ctrl-C to stop early)",

@@ -20,16 +20,7 @@ pub(crate) async fn run(settings: &Settings, args: &ServeArgs) -> Result<(), Err
     // leaves the kernel untouched.
     let listener = http::bind(args.listen).await?;
     let addr = listener.local_addr().unwrap_or(args.listen);
-    // Records only name owners while they live (the first of each key is
-    // always streamed); the counts come from the in-kernel maps, so a
-    // flood costs the exporter nothing per packet.
-    let mut session = Session::attach(
-        settings,
-        Streaming {
-            new_entries: false,
-            budget: 64,
-        },
-    )?;
+    let mut session = Session::attach(settings, Streaming::NAMES)?;
     let metrics = Arc::new(Metrics::new(session.mode(), &session.release()));
     let mut sampler = Sampler::start(&mut session, Dumps::EachSample)?;
     // Series exist from the first scrape on.

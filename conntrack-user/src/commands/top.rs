@@ -38,13 +38,7 @@ pub(crate) async fn run(settings: &Settings, args: &TopArgs) -> Result<(), Error
     }
     let stop = super::stop_requested()?;
     tokio::pin!(stop);
-    let mut session = Session::attach(
-        settings,
-        Streaming {
-            new_entries: false,
-            budget: 64,
-        },
-    )?;
+    let mut session = Session::attach(settings, Streaming::NAMES)?;
     let sees_entries = session.sees_entries();
     eprintln!("{}; starting the live view (q quits)", session.banner());
     // Tracepoint mode dumps the table on its own thread, so the screen

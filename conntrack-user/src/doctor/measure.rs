@@ -156,8 +156,8 @@ impl FlowTally {
     }
 }
 
-fn held_of(s: &Summary, inum: u32, sockets: &mut Sockets) -> Held {
-    Held {
+fn held_of(s: &Summary, inum: u32, sockets: &mut Sockets) -> TableContents {
+    TableContents {
         total: s.entries,
         tcp_states: s.tcp_states.clone(),
         udp: s.l4_count(17),

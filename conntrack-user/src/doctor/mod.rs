@@ -128,7 +128,7 @@ pub(crate) struct NetnsMeasure {
     /// Flows refused an entry because the table was full (eBPF watch only).
     pub(crate) refused: Option<Culprits>,
     /// Entries held at the end, from one ctnetlink dump.
-    pub(crate) held: Option<Held>,
+    pub(crate) held: Option<TableContents>,
     /// This namespace's own timeouts (each namespace has a copy).
     pub(crate) timeouts: BTreeMap<String, u64>,
 }
@@ -160,7 +160,7 @@ pub(crate) struct SrcShare {
 
 /// The entries a namespace holds, from a dump.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub(crate) struct Held {
+pub(crate) struct TableContents {
     pub(crate) total: u64,
     pub(crate) tcp_states: BTreeMap<String, u64>,
     pub(crate) udp: u64,
@@ -200,7 +200,7 @@ pub(crate) struct Finding {
 
 /// The `ctwatch doctor --json` document.
 #[derive(Debug, Clone, Serialize)]
-pub(crate) struct Report {
+pub(crate) struct Diagnosis {
     pub(crate) findings: Vec<Finding>,
     pub(crate) window: Option<Window>,
     pub(crate) object_size: ObjectSize,
@@ -209,10 +209,10 @@ pub(crate) struct Report {
     pub(crate) notes: Vec<String>,
 }
 
-impl Report {
+impl Diagnosis {
     /// Judges `m` and keeps its facts alongside the findings.
     pub(crate) fn new(m: Measured) -> Self {
-        Report {
+        Diagnosis {
             findings: diagnose(&m),
             window: m.window,
             object_size: m.object_size,

@@ -40,8 +40,8 @@ fn ns(count: u64, max: u64) -> NetnsMeasure {
     }
 }
 
-fn held_tcp(total: u64, port: u16) -> Held {
-    Held {
+fn held_tcp(total: u64, port: u16) -> TableContents {
+    TableContents {
         total,
         tcp_states: BTreeMap::from([("ESTABLISHED".to_string(), total)]),
         port: Some(PortShare {
@@ -215,7 +215,7 @@ fn no_dominant_port_falls_back_to_the_dominant_source() {
     let mut n = ns(100, 100);
     n.path = "/proc/4242/ns/net".into();
     n.name = None;
-    n.held = Some(Held {
+    n.held = Some(TableContents {
         total: 100,
         port: Some(PortShare {
             proto: 6,
@@ -300,7 +300,7 @@ fn unanswered_udp_gets_the_udp_timeout_and_init_gets_a_persistent_form() {
     let mut n = ns(40_000, 65_536);
     n.is_init = true;
     n.name = None;
-    n.held = Some(Held {
+    n.held = Some(TableContents {
         total: 40_000,
         udp: 39_000,
         udp_unreplied: 38_000,

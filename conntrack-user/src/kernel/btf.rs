@@ -12,7 +12,6 @@
 //! added; the first match wins.
 
 use std::{
-    ffi::CStr,
     fmt, fs, io,
     path::{Path, PathBuf},
 };
@@ -589,16 +588,9 @@ pub fn kernel_release() -> String {
         }
     }
     // /proc may not be mounted (early boot, minimal containers): ask uname(2).
-    // SAFETY: utsname is plain old data, so all-zero is a valid value.
-    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: uname only writes into the struct we pass; on success every
-    // field is NUL-terminated, and the zeroed struct guarantees it otherwise.
-    if unsafe { libc::uname(&mut uts) } == 0 {
-        // SAFETY: `release` is NUL-terminated (see above) and lives in `uts`.
-        let release = unsafe { CStr::from_ptr(uts.release.as_ptr()) };
-        return release.to_string_lossy().into_owned();
-    }
-    "unknown".to_string()
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".to_string())
 }
 
 #[cfg(test)]

@@ -4,6 +4,12 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use netlink_packet_core::{
+    nla_align, parse_u32_be, Emitable, NetlinkBuffer, NetlinkHeader, NlasIterator, NLA_ALIGNTO,
+    NLA_HEADER_SIZE, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_netfilter::{NetfilterHeader, NetfilterProtoFamily};
+
 use crate::source::ctnetlink::{self, CtnetlinkError, NFNL_SUBSYS_CTNETLINK};
 use crate::source::netns::{self, NetnsError, NetnsInfo};
 
@@ -62,6 +68,9 @@ const SYSCTL_DIR: &str = "/proc/sys/net/netfilter";
 
 // include/uapi/linux/netfilter/nfnetlink_conntrack.h
 const IPCTNL_MSG_CT_GET_STATS_CPU: u16 = 4;
+const STATS_CPU_MSG_TYPE: u16 = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET_STATS_CPU;
+// include/uapi/linux/netfilter/nfnetlink.h
+const NFNETLINK_V0: u8 = 0;
 // enum ctattr_stats_cpu
 const CTA_STATS_FOUND: u16 = 2;
 const CTA_STATS_INVALID: u16 = 4;
@@ -238,15 +247,16 @@ fn read_u64(path: &Path) -> Result<u64, CountersError> {
 }
 
 /// The per-CPU stats dump (`IPCTNL_MSG_CT_GET_STATS_CPU`) of the calling
-/// thread's netns, summed. netlink-packet-netfilter has no type for this
-/// message, so the request is built by hand.
+/// thread's netns, summed. netlink-packet-netfilter has no message type
+/// for it, so the request and the reply's attributes go through the
+/// crates' generic header, nfgenmsg and NLA types.
 pub fn read_stats_ctnetlink() -> Result<CtStats, CountersError> {
     let seq = ctnetlink::next_seq();
     let request = stats_cpu_request(seq);
     let mut stats = CtStats::default();
     let mut cpus = 0;
     ctnetlink::run_dump(&request, seq, |msg_type, payload| {
-        if msg_type == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET_STATS_CPU {
+        if msg_type == STATS_CPU_MSG_TYPE {
             add_cpu_stats(payload, &mut stats)?;
             cpus += 1;
         }
@@ -258,50 +268,57 @@ pub fn read_stats_ctnetlink() -> Result<CtStats, CountersError> {
     Ok(stats)
 }
 
-/// nlmsghdr + nfgenmsg (AF_UNSPEC, NFNETLINK_V0, res_id 0), no attributes.
-fn stats_cpu_request(seq: u32) -> [u8; 20] {
-    const NLM_F_REQUEST: u16 = 0x1;
-    const NLM_F_DUMP: u16 = 0x300;
-    let mut req = [0u8; 20];
-    req[0..4].copy_from_slice(&20u32.to_ne_bytes());
-    req[4..6].copy_from_slice(
-        &((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET_STATS_CPU).to_ne_bytes(),
-    );
-    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    req[8..12].copy_from_slice(&seq.to_ne_bytes());
-    // nlmsg_pid 0: the kernel addresses us by our socket.
-    req
+/// nlmsghdr (NLM_F_REQUEST | NLM_F_DUMP) + nfgenmsg (AF_UNSPEC,
+/// NFNETLINK_V0, res_id 0), no attributes: what `conntrack -S` sends.
+fn stats_cpu_request(seq: u32) -> Vec<u8> {
+    let nfgen = NetfilterHeader::new(NetfilterProtoFamily::Unspec, NFNETLINK_V0, 0);
+    let mut header = NetlinkHeader::default();
+    header.message_type = STATS_CPU_MSG_TYPE;
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = seq;
+    // port_number 0: the kernel addresses us by our socket.
+    let len = header.buffer_len() + nfgen.buffer_len();
+    header.length = len as u32;
+    let mut request = vec![0u8; len];
+    header.emit(&mut request);
+    nfgen.emit(NetlinkBuffer::new(&mut request[..]).payload_mut());
+    request
 }
 
-/// Adds one CPU's reply (nfgenmsg onwards; res_id is the CPU number) to
-/// `stats`. Attributes are big-endian u32s; unknown ones are skipped so a
-/// newer kernel's additions do no harm.
-/// One CPU's reply on its own.
+/// One CPU's reply (nfgenmsg onwards; res_id is the CPU number) on its own.
 pub(crate) fn decode_cpu_stats(payload: &[u8]) -> Result<CtStats, CtnetlinkError> {
     let mut stats = CtStats::default();
     add_cpu_stats(payload, &mut stats)?;
     Ok(stats)
 }
 
+/// Adds one CPU's reply to `stats`. Attributes are big-endian u32s; unknown
+/// ones, and known ones of another size, are skipped so a newer kernel's
+/// additions do no harm. An attribute whose length runs past the message
+/// or is shorter than its own header is an error; fewer than
+/// `NLA_HEADER_SIZE` bytes after the last attribute are ignored, as
+/// libmnl's attribute walk does.
 fn add_cpu_stats(payload: &[u8], stats: &mut CtStats) -> Result<(), CtnetlinkError> {
-    let attrs = payload
-        .get(4..)
-        .ok_or_else(|| CtnetlinkError::Decode("stats reply shorter than nfgenmsg".into()))?;
-    let mut off = 0;
-    while off + 4 <= attrs.len() {
-        let len = u16::from_ne_bytes([attrs[off], attrs[off + 1]]) as usize;
-        let kind = u16::from_ne_bytes([attrs[off + 2], attrs[off + 3]]) & 0x3fff;
-        if len < 4 || off + len > attrs.len() {
-            return Err(CtnetlinkError::Decode(format!(
-                "stats attribute {kind} claims {len} bytes, {} left",
-                attrs.len() - off
-            )));
+    let nfgen = NetfilterHeader::parse(payload)
+        .map_err(|e| CtnetlinkError::Decode(format!("per-CPU stats reply: {e}")))?;
+    let attrs = &payload[nfgen.buffer_len()..];
+    let mut seen = 0;
+    for nla in NlasIterator::new(attrs) {
+        let nla = match nla {
+            Ok(nla) => nla,
+            Err(_) if attrs.len().saturating_sub(seen) < NLA_HEADER_SIZE => break,
+            Err(e) => {
+                return Err(CtnetlinkError::Decode(format!(
+                    "per-CPU stats attribute at offset {seen}: {e}"
+                )))
+            }
+        };
+        seen += nla_align!(usize::from(nla.length()));
+        if let Some(field) = Field::from_attr(nla.kind()) {
+            if let Ok(v) = parse_u32_be(nla.value()) {
+                stats.add(field, u64::from(v));
+            }
         }
-        if let (Some(field), 8) = (Field::from_attr(kind), len) {
-            let v = u32::from_be_bytes(attrs[off + 4..off + 8].try_into().unwrap());
-            stats.add(field, u64::from(v));
-        }
-        off += (len + 3) & !3;
     }
     Ok(())
 }
@@ -416,37 +433,145 @@ entries searched found new invalid ignore delete delete_list insert insert_faile
     }
 
     #[test]
-    fn stats_request_layout() {
-        let req = stats_cpu_request(0x01020304);
-        assert_eq!(u32::from_ne_bytes(req[0..4].try_into().unwrap()), 20);
-        assert_eq!(u16::from_ne_bytes(req[4..6].try_into().unwrap()), 0x0104);
-        assert_eq!(u16::from_ne_bytes(req[6..8].try_into().unwrap()), 0x0301);
-        assert_eq!(
-            u32::from_ne_bytes(req[8..12].try_into().unwrap()),
-            0x01020304
-        );
-        assert_eq!(&req[12..], &[0u8; 8]);
+    fn stats_request_wire_bytes() {
+        let seq = 0x01020304u32;
+        // Spelled out field by field as in struct nlmsghdr and nfgenmsg;
+        // the nlmsghdr fields are host-endian.
+        let mut want = Vec::new();
+        want.extend_from_slice(&20u32.to_ne_bytes()); // nlmsg_len
+        want.extend_from_slice(&0x0104u16.to_ne_bytes()); // CTNETLINK << 8 | GET_STATS_CPU
+        want.extend_from_slice(&0x0301u16.to_ne_bytes()); // NLM_F_REQUEST | NLM_F_DUMP
+        want.extend_from_slice(&seq.to_ne_bytes()); // nlmsg_seq
+        want.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid
+        want.extend_from_slice(&[0, 0, 0, 0]); // AF_UNSPEC, NFNETLINK_V0, res_id 0
+        assert_eq!(stats_cpu_request(seq), want);
+    }
+
+    /// One NLA as the kernel lays it out: host-endian header, padded to 4.
+    fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
+        let mut out = nla_header(4 + value.len() as u16, kind);
+        out.extend_from_slice(value);
+        out.resize((out.len() + 3) & !3, 0);
+        out
+    }
+
+    /// An NLA header alone, with whatever length it claims.
+    fn nla_header(len: u16, kind: u16) -> Vec<u8> {
+        [len.to_ne_bytes(), kind.to_ne_bytes()].concat()
+    }
+
+    /// nfgenmsg (res_id = cpu 1) followed by `attrs`.
+    fn cpu_reply(attrs: &[Vec<u8>]) -> Vec<u8> {
+        let mut payload = vec![0u8, 0, 0, 1];
+        for a in attrs {
+            payload.extend_from_slice(a);
+        }
+        payload
     }
 
     #[test]
     fn cpu_reply_attributes_decode() {
-        let mut payload = vec![0u8, 0, 0, 1]; // nfgenmsg, res_id = cpu 1
-        for (kind, v) in [
-            (CTA_STATS_FOUND, 7u32),
-            (CTA_STATS_DROP, 3),
-            (99, 1),
-            (CTA_STATS_CHAIN_TOOLONG, 2),
-        ] {
-            payload.extend_from_slice(&8u16.to_ne_bytes());
-            payload.extend_from_slice(&kind.to_ne_bytes());
-            payload.extend_from_slice(&v.to_be_bytes());
-        }
+        let mut payload = cpu_reply(&[
+            nla(CTA_STATS_FOUND, &7u32.to_be_bytes()),
+            nla(CTA_STATS_DROP, &3u32.to_be_bytes()),
+            nla(CTA_STATS_CHAIN_TOOLONG, &2u32.to_be_bytes()),
+        ]);
         let mut s = CtStats::default();
         add_cpu_stats(&payload, &mut s).unwrap();
         add_cpu_stats(&payload, &mut s).unwrap();
         assert_eq!((s.found, s.drop, s.chaintoolong, s.insert), (14, 6, 4, 0));
         payload.truncate(payload.len() - 2);
         assert!(add_cpu_stats(&payload, &mut s).is_err());
+    }
+
+    #[test]
+    fn unknown_and_odd_sized_attributes_are_skipped() {
+        let payload = cpu_reply(&[
+            nla(CTA_STATS_INSERT, &5u32.to_be_bytes()),
+            // Not in enum ctattr_stats_cpu (yet): a newer kernel's addition.
+            nla(99, &[0xff; 12]),
+            // The byte-order flag is masked off the type.
+            nla(
+                CTA_STATS_INVALID | netlink_packet_core::NLA_F_NET_BYTEORDER,
+                &9u32.to_be_bytes(),
+            ),
+            // A known type with a value that is not a u32 is not counted.
+            nla(CTA_STATS_ERROR, &1u64.to_be_bytes()),
+            nla(CTA_STATS_EARLY_DROP, &4u32.to_be_bytes()),
+        ]);
+        assert_eq!(
+            decode_cpu_stats(&payload).unwrap(),
+            CtStats {
+                insert: 5,
+                invalid: 9,
+                early_drop: 4,
+                ..CtStats::default()
+            }
+        );
+        // Nothing but the nfgenmsg: a CPU with no counters.
+        assert_eq!(decode_cpu_stats(&[0, 0, 0, 1]).unwrap(), CtStats::default());
+        // Up to three stray bytes after the last attribute are no attribute.
+        let mut tail = payload.clone();
+        tail.extend_from_slice(&[0xaa; 3]);
+        assert_eq!(
+            decode_cpu_stats(&tail).unwrap(),
+            decode_cpu_stats(&payload).unwrap()
+        );
+    }
+
+    #[test]
+    fn malformed_attributes_are_errors() {
+        let good = nla(CTA_STATS_FOUND, &1u32.to_be_bytes());
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("no nfgenmsg", vec![0, 0]),
+            ("empty", vec![]),
+            // The second attribute claims 8 bytes, 6 are left.
+            ("truncated", {
+                let mut p = cpu_reply(&[good.clone(), good.clone()]);
+                p.truncate(p.len() - 2);
+                p
+            }),
+            // nla_len 2 is shorter than the NLA header itself.
+            (
+                "length below header",
+                cpu_reply(&[good.clone(), nla_header(2, CTA_STATS_FOUND)]),
+            ),
+            // nla_len 0 would loop forever if it were accepted.
+            (
+                "zero length",
+                cpu_reply(&[nla_header(0, CTA_STATS_FOUND), good.clone()]),
+            ),
+            ("garbage", cpu_reply(&[vec![0xff; 9]])),
+            (
+                "claims 64 KiB",
+                cpu_reply(&[nla_header(0xffff, CTA_STATS_FOUND), vec![0, 0, 0, 1]]),
+            ),
+        ];
+        for (what, payload) in cases {
+            match decode_cpu_stats(&payload) {
+                Err(CtnetlinkError::Decode(msg)) => assert!(!msg.is_empty(), "{what}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics() {
+        // Every prefix of every one-byte corruption of a valid reply.
+        let valid = cpu_reply(&[
+            nla(CTA_STATS_FOUND, &7u32.to_be_bytes()),
+            nla(99, &[1, 2, 3]),
+            nla(CTA_STATS_SEARCH_RESTART, &2u32.to_be_bytes()),
+        ]);
+        for i in 0..valid.len() {
+            for b in [0x00, 0x01, 0x03, 0x04, 0x7f, 0xff] {
+                let mut p = valid.clone();
+                p[i] = b;
+                for end in 0..=p.len() {
+                    let _ = decode_cpu_stats(&p[..end]);
+                }
+            }
+        }
     }
 
     /// A raw TCP segment with SYN and FIN both set to 127.0.0.1: never

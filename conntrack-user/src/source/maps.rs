@@ -147,13 +147,11 @@ impl KernelSource {
 
     /// Flows of the entries created since attach and still live (used once,
     /// right after attach, to keep the seed dump from counting them twice).
-    pub fn live_flows(&self) -> std::collections::HashSet<crate::aggregate::occupancy::FlowId> {
+    pub fn live_flows(&self) -> std::collections::HashSet<crate::source::records::FlowId> {
         self.live
             .iter()
             .filter_map(Result::ok)
-            .filter_map(|(_, ev)| {
-                crate::aggregate::occupancy::FlowId::of_tuple(ev.netns, &ev.tuple)
-            })
+            .filter_map(|(_, ev)| crate::source::records::FlowId::of_tuple(ev.netns, &ev.tuple))
             .collect()
     }
 

@@ -213,6 +213,42 @@ pub fn decode_key(k: &AggKey) -> Result<AggRecord, DecodeError> {
     })
 }
 
+/// One flow's identity, to recognise an entry both dumped and created
+/// since attach.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FlowId {
+    pub netns: u32,
+    pub proto: u8,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+}
+
+impl FlowId {
+    pub fn of_tuple(netns: u32, t: &FlowTuple) -> Option<Self> {
+        Some(FlowId {
+            netns,
+            proto: t.proto,
+            src: addr(t.family, &t.saddr).ok()?,
+            sport: t.sport,
+            dst: addr(t.family, &t.daddr).ok()?,
+            dport: t.dport,
+        })
+    }
+
+    pub fn of_entry(netns: u32, e: &crate::source::ctnetlink::CtEntry) -> Self {
+        FlowId {
+            netns,
+            proto: e.proto,
+            src: e.src,
+            sport: e.sport,
+            dst: e.dst,
+            dport: e.dport,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,9 +2,9 @@
 //! evidence and the commands to run.
 use std::fmt::Write;
 
-use crate::doctor::{Report, Severity};
+use crate::doctor::{Diagnosis, Severity};
 
-pub fn report(r: &Report) -> String {
+pub(crate) fn report(r: &Diagnosis) -> String {
     let mut o = String::new();
     match &r.window {
         Some(w) => {
@@ -56,7 +56,7 @@ mod tests {
 
     #[test]
     fn findings_print_with_commands_to_paste() {
-        let r = Report {
+        let r = Diagnosis {
             findings: vec![Finding {
                 severity: Severity::Critical,
                 rule: "table-fill",
