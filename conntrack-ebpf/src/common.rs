@@ -5,9 +5,9 @@ use aya_ebpf::{
         generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
     },
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use conntrack_ebpf::{stat, AggKey, Config, FlowEvent, FlowTuple, FAMILY_V4, FAMILY_V6};
+use conntrack_ebpf::{stat, AggKey, AggValue, Config, FlowEvent, FlowTuple, FAMILY_V4, FAMILY_V6};
 
 /// Written by userspace before load (offsets from BTF); zero means "not set".
 #[unsafe(no_mangle)]
@@ -40,6 +40,12 @@ pub static CONFIG: Config = Config {
     conn_net: 0,
     hash_tuple: 0,
     stream_budget: 0,
+    first_budget: 0,
+    skb_span: u32::MAX,
+    count_cap: 0,
+    _pad: 0,
+    conn_status: 0,
+    conn_reply_tuple: 0,
 };
 
 /// 16 MiB: about 160k events of slack before a burst starts losing events.
@@ -65,10 +71,26 @@ pub fn scratch_event() -> Option<&'static mut FlowEvent> {
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
 /// Per-CPU counts by attribution key and kind (drops, new entries,
-/// evictions, clashes): exact totals even when the ring buffer overflows.
+/// evictions, clashes), double-buffered: programs add to the map `GEN`
+/// selects while userspace drains the other one, so a refresh reads only
+/// the keys that changed and no key lives longer than two refreshes.
+/// Preallocated (LRU maps always are): a new key allocates nothing. Sized
+/// by userspace from the CPU count.
 #[map]
-pub static COUNTS: PerCpuHashMap<AggKey, u64> =
-    PerCpuHashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
+pub static COUNTS_A: LruPerCpuHashMap<AggKey, AggValue> =
+    LruPerCpuHashMap::with_max_entries(65536, 0);
+#[map]
+pub static COUNTS_B: LruPerCpuHashMap<AggKey, AggValue> =
+    LruPerCpuHashMap::with_max_entries(65536, 0);
+
+/// [0]: the generation; even selects `COUNTS_A`, odd `COUNTS_B`. Written
+/// by userspace only.
+#[map]
+pub static GEN: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Per-CPU new keys in the current generation: `gen << 32 | n`.
+#[map]
+static INSERTED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU occupancy by creation key: +1 on create, -1 on free (on whatever
 /// CPU frees it), so only the sum over CPUs is meaningful.
@@ -220,6 +242,7 @@ pub fn now_ns() -> u64 {
 pub fn key_of(ev: &FlowEvent) -> AggKey {
     AggKey {
         saddr: ev.tuple.saddr,
+        daddr: ev.tuple.daddr,
         cgroup_id: ev.cgroup_id,
         sock_ino: ev.sock_ino,
         netns: ev.netns,
@@ -234,73 +257,140 @@ pub fn key_of(ev: &FlowEvent) -> AggKey {
     }
 }
 
-/// Adds one to the per-CPU count of this event's attribution key. A full
-/// map is counted in `AGG_OVERFLOW` and reported as "other". Returns true
-/// when the key is new (on this CPU), so its first record can be streamed.
+/// Adds one to the per-CPU count of this event's attribution key. Returns
+/// true when the key is new (on this CPU), so its first record can be
+/// streamed.
 #[inline(always)]
 pub fn aggregate(ev: &FlowEvent) -> bool {
     let key = key_of(ev);
-    count_key(&key)
+    count_key(&key, ev.tuple.sport)
 }
 
+/// Adds one to `key` in the active count map, remembering the source port
+/// last seen for it. Past this CPU's cap of new keys for the
+/// generation, a new key is counted in `AGG_OVERFLOW` (reported as
+/// "other") without touching the map: cheap, and it never evicts a key
+/// that is already counted.
 #[inline(always)]
-pub fn count_key(key: &AggKey) -> bool {
-    add_to(&COUNTS, key, 1u64)
-}
-
-/// Adds `delta` to `key` in a per-CPU map, inserting it when new; returns
-/// true when this call inserted it. Another CPU may insert the same key
-/// concurrently, which per-CPU values make harmless; a full map is counted
-/// in `AGG_OVERFLOW` (reported as "other").
-#[inline(always)]
-fn add_to<V: Copy + core::ops::AddAssign>(
-    map: &PerCpuHashMap<AggKey, V>,
-    key: &AggKey,
-    delta: V,
-) -> bool {
+pub fn count_key(key: &AggKey, sport: u16) -> bool {
+    let gen = GEN.get(0).copied().unwrap_or(0);
+    let map = if gen & 1 == 0 { &COUNTS_A } else { &COUNTS_B };
     if let Some(v) = map.get_ptr_mut(key) {
-        unsafe { *v += delta };
+        unsafe {
+            (*v).count += 1;
+            (*v).sport = sport;
+        }
         return false;
     }
-    if map.insert(key, &delta, 0).is_ok() {
+    let Some(ins) = INSERTED.get_ptr_mut(0) else {
+        return false;
+    };
+    let cap = conf!(count_cap) as u64;
+    unsafe {
+        if (*ins >> 32) as u32 != gen {
+            *ins = (gen as u64) << 32;
+        }
+        if cap != 0 && (*ins & 0xffff_ffff) >= cap {
+            spill(key);
+            return false;
+        }
+        *ins += 1;
+    }
+    let v = AggValue {
+        count: 1,
+        sport,
+        _pad: [0; 6],
+    };
+    if map.insert(key, &v, 0).is_ok() {
         return true;
     }
-    if let Some(v) = map.get_ptr_mut(key) {
-        unsafe { *v += delta };
-        return false;
-    }
-    bump(stat::AGG_OVERFLOW);
+    spill(key);
     false
 }
 
-/// Per-CPU stream budget window: [0] window start (ns), [1] records in it.
+/// Counts past the key budget, per namespace and kind (`netns << 8 |
+/// kind`), so every namespace's total stays exact when its keys do not fit.
 #[map]
-static BUDGET: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+pub static SPILL: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(4096, 0);
 
-/// Streams the record if it is the first of its key or within this CPU's
-/// per-second budget; otherwise counts it as sampled out. Per-record
-/// streaming at flood rates would cost more than the drop path itself.
 #[inline(always)]
-pub fn emit_budgeted(ev: &FlowEvent, first_of_key: bool) {
-    let budget = conf!(stream_budget) as u64;
-    if first_of_key || budget == 0 {
-        emit(ev);
+fn spill(key: &AggKey) {
+    bump(stat::AGG_OVERFLOW);
+    let k = (key.netns as u64) << 8 | key.kind as u64;
+    if let Some(v) = SPILL.get_ptr_mut(&k) {
+        unsafe { *v += 1 };
+    } else if SPILL.insert(&k, &1, 0).is_err() {
+        if let Some(v) = SPILL.get_ptr_mut(&k) {
+            unsafe { *v += 1 };
+        }
+    }
+}
+
+/// Adds `delta` to `key` in a per-CPU map, inserting it when new. Another
+/// CPU may insert the same key concurrently, which per-CPU values make
+/// harmless; a full map is counted in `AGG_OVERFLOW`.
+#[inline(always)]
+fn add_to<V: Copy + core::ops::AddAssign>(map: &PerCpuHashMap<AggKey, V>, key: &AggKey, delta: V) {
+    if let Some(v) = map.get_ptr_mut(key) {
+        unsafe { *v += delta };
         return;
     }
-    let (Some(start), Some(n)) = (BUDGET.get_ptr_mut(0), BUDGET.get_ptr_mut(1)) else {
+    if map.insert(key, &delta, 0).is_ok() {
         return;
+    }
+    if let Some(v) = map.get_ptr_mut(key) {
+        unsafe { *v += delta };
+        return;
+    }
+    bump(stat::AGG_OVERFLOW);
+}
+
+/// Per-CPU stream budget windows: [0] window start (ns), [1] records in
+/// it, [2] first-of-key records in it, [3] last forced wakeup (ns).
+#[map]
+static BUDGET: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
+
+/// Whether this record may be streamed: first-of-key records within their
+/// per-CPU budget, others within theirs. Over budget it is counted as
+/// sampled out; per-record streaming at flood rates would cost more than
+/// the drop path itself, and the counts are exact regardless.
+#[inline(always)]
+pub fn may_stream(now: u64, first_of_key: bool) -> bool {
+    let (budget, slot) = if first_of_key {
+        (conf!(first_budget) as u64, 2)
+    } else {
+        (conf!(stream_budget) as u64, 1)
+    };
+    if budget == 0 {
+        return true;
+    }
+    let (Some(start), Some(n)) = (BUDGET.get_ptr_mut(0), BUDGET.get_ptr_mut(slot)) else {
+        return false;
     };
     unsafe {
-        if ev.ts_ns.wrapping_sub(*start) > 1_000_000_000 {
-            *start = ev.ts_ns;
-            *n = 0;
+        if now.wrapping_sub(*start) > 1_000_000_000 {
+            *start = now;
+            if let Some(p) = BUDGET.get_ptr_mut(1) {
+                *p = 0;
+            }
+            if let Some(p) = BUDGET.get_ptr_mut(2) {
+                *p = 0;
+            }
         }
         if *n < budget {
             *n += 1;
-            emit(ev);
-        } else {
-            bump(stat::SAMPLED);
+            return true;
         }
+    }
+    bump(stat::SAMPLED);
+    false
+}
+
+/// Streams the record if [`may_stream`] allows it.
+#[inline(always)]
+pub fn emit_budgeted(ev: &FlowEvent, first_of_key: bool) {
+    if may_stream(ev.ts_ns, first_of_key) {
+        emit(ev);
     }
 }
 
@@ -331,41 +421,39 @@ pub fn read_ct_tuple(ptr: u64, t: &mut FlowTuple) -> Result<(), i32> {
     Ok(())
 }
 
-/// Copies the event onto the ring buffer; a full buffer is counted, not hidden.
+/// Copies the event onto the ring buffer; a full buffer is counted, not
+/// hidden. Userspace is woken at most every [`WAKEUP_NS`] per CPU: under a
+/// flood a wakeup per record would cost more than the record.
 #[inline(always)]
 pub fn emit(ev: &FlowEvent) {
-    if EVENTS.output::<FlowEvent>(ev, 0).is_err() {
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+    let flags = match BUDGET.get_ptr_mut(3) {
+        Some(last) => unsafe {
+            if ev.ts_ns.wrapping_sub(*last) > WAKEUP_NS {
+                *last = ev.ts_ns;
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            }
+        },
+        None => 0,
+    };
+    if EVENTS.output::<FlowEvent>(ev, flags).is_err() {
         bump(stat::RB_LOST);
     }
 }
 
-/// Packet context saved by `nf_conntrack_in` for the allocation that may
-/// follow on the same CPU, in the same call.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct HookCtx {
-    /// `tag()` of the call that saved it.
-    pub tag: u64,
-    pub sock_ino: u64,
-    pub cgroup_id: u64,
-    pub ifindex_in: u32,
-    pub ifindex_out: u32,
-    pub role: u8,
-    pub task: u8,
-    pub _pad: [u8; 6],
-    pub comm: [u8; 16],
-}
+/// Minimum time between two wakeups of userspace from one CPU.
+const WAKEUP_NS: u64 = 5_000_000;
 
+/// Per-CPU early_drop state: [0] = `tag()` while inside early_drop, so
+/// the frees inside it are evictions.
 #[map]
-pub static HOOK_CTX: PerCpuArray<HookCtx> = PerCpuArray::with_max_entries(1, 0);
+pub static EARLY: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per-CPU early_drop state: [0] = pid_tgid while inside early_drop,
-/// [1] = pid_tgid whose last early_drop found nothing to evict (table full).
-#[map]
-pub static EARLY: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
-
-/// Per-CPU argument stash for kprobe entry → kretprobe exit pairs.
-/// [0..2] `__nf_conntrack_alloc` (pid_tgid, net, orig), [3..4] clash (pid_tgid, h).
+/// Per-CPU argument stash for kprobe entry → kretprobe exit pairs:
+/// [3..5] `nf_ct_resolve_clash` (tag, skb, h).
 #[map]
 pub static ARGS: PerCpuArray<u64> = PerCpuArray::with_max_entries(8, 0);
 
@@ -381,11 +469,6 @@ pub fn slot_set(map: &PerCpuArray<u64>, i: u32, v: u64) {
     }
 }
 
-#[inline(always)]
-pub fn pid_tgid() -> u64 {
-    bpf_get_current_pid_tgid()
-}
-
 /// Marks per-CPU state as belonging to the current call chain. Never 0:
 /// 0 is what an untouched slot holds and what "none" is written as, and
 /// the idle task's pid_tgid is 0 too (softirqs interrupting it).
@@ -394,8 +477,144 @@ pub fn tag() -> u64 {
     bpf_get_current_pid_tgid().wrapping_add(1)
 }
 
-/// `IS_ERR()` on a returned kernel pointer.
+// ---- kernel-probe mode
+//
+// State and helpers of the kprobe-mode hooks, which run once per new entry
+// (`__nf_conntrack_confirm`), per free, and only while the table is full
+// (`early_drop`, the `kfree_skb` that follows it): never per packet of an
+// entry that already exists.
+
+/// Low bits of `skb->_nfct` hold ctinfo.
+pub const NFCT_PTRMASK: u64 = !7u64;
+
+/// `IP_CT_IS_REPLY`: ctinfo values from here on are reply-direction
+/// packets, which `__nf_conntrack_confirm` returns on without inserting.
+pub const IP_CT_IS_REPLY: u64 = 3;
+
+/// `IPS_CONFIRMED_BIT`, unchanged since 2.6.
+pub const IPS_CONFIRMED: u64 = 1 << 3;
+
+/// One `__nf_conntrack_confirm` call between its kprobe and kretprobe.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConfirmFrame {
+    pub tag: u64,
+    pub skb: u64,
+    /// The entry attached at entry (0: nothing to insert); the skb carries
+    /// another one on return when a clash was resolved to the winner.
+    pub ct: u64,
+}
+
+/// Calls of one CPU still inside `__nf_conntrack_confirm`, a stack of
+/// frames. They nest: the function's own `local_bh_enable()` runs pending
+/// softirqs, which can confirm another entry before the outer call
+/// returns, and with the same `tag()` (the interrupted task), so one slot
+/// per CPU would pair the outer return with the inner skb. Frames are map
+/// entries, not an array in one value: the map lookup bounds the index,
+/// where the verifier cannot follow a compiled bounds check.
+#[map]
+static CONFIRM_FRAMES: PerCpuArray<ConfirmFrame> = PerCpuArray::with_max_entries(CONFIRM_DEPTH, 0);
+
+/// [0]: frames in use on this CPU.
+#[map]
+static CONFIRM_TOP: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+const CONFIRM_DEPTH: u32 = 4;
+
 #[inline(always)]
-pub fn is_err_ptr(p: u64) -> bool {
-    p >= (-4095i64) as u64
+pub fn confirm_push(skb: u64, ct: u64) {
+    let Some(depth) = CONFIRM_TOP.get_ptr_mut(0) else {
+        return;
+    };
+    let depth = unsafe { &mut *depth };
+    if *depth >= CONFIRM_DEPTH {
+        // Only returns the kernel missed (kretprobe instances exhausted)
+        // pile up this deep: start over rather than stop tracking.
+        *depth = 0;
+    }
+    if let Some(f) = CONFIRM_FRAMES.get_ptr_mut(*depth) {
+        unsafe {
+            *f = ConfirmFrame {
+                tag: tag(),
+                skb,
+                ct,
+            }
+        };
+    }
+    *depth += 1;
+}
+
+/// The frame of the call returning now, if it is this context's.
+#[inline(always)]
+pub fn confirm_pop() -> Option<ConfirmFrame> {
+    let depth = unsafe { &mut *CONFIRM_TOP.get_ptr_mut(0)? };
+    if *depth == 0 || *depth > CONFIRM_DEPTH {
+        *depth = 0;
+        return None;
+    }
+    *depth -= 1;
+    let f = *CONFIRM_FRAMES.get(*depth)?;
+    (f.tag == tag()).then_some(f)
+}
+
+/// Per-CPU table-full mark: [0] `net` of the `early_drop` call in progress,
+/// [1] `tag()` of the context whose last `early_drop` found nothing to
+/// evict, [2] when (ns), [3] its `net`. The `kfree_skb` of that packet
+/// follows on the same CPU, in the same context, within microseconds.
+#[map]
+pub static FULL: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
+
+/// How long a table-full mark waits for its packet's `kfree_skb`. Between
+/// the two only the rate-limited "table full" printk runs, which a slow
+/// console can stretch to milliseconds; a stale mark must not claim an
+/// unrelated drop later.
+pub const FULL_FRESH_NS: u64 = 50_000_000;
+
+/// Role, interfaces, task and netns of the packet that creates an entry,
+/// seen at its confirmation: POST_ROUTING for locally generated and
+/// forwarded packets, LOCAL_IN for inbound ones. Returns the packet's netns
+/// (`struct net *`), 0 if unreadable.
+#[inline(always)]
+pub fn confirm_context(skb: u64, ev: &mut FlowEvent) -> u64 {
+    let sk: u64 = rd(skb, conf!(skb_sk)).unwrap_or(0);
+    let dev: u64 = rd(skb, conf!(skb_dev)).unwrap_or(0);
+    let iif: u32 = rd(skb, conf!(skb_iif)).unwrap_or(0);
+    let ifindex: u32 = rd(dev, conf!(dev_ifindex)).unwrap_or(0);
+    // A received packet has an input interface; early demux may already
+    // have given it the receiving socket, so the socket alone does not
+    // make a packet local.
+    if sk != 0 && iif == 0 {
+        ev.role = conntrack_ebpf::role::LOCAL;
+        ev.ifindex_out = ifindex;
+        fill_task(ev);
+        return rd(sk, conf!(sk_net)).unwrap_or(0);
+    }
+    ev.role = conntrack_ebpf::role::INBOUND;
+    ev.ifindex_in = if iif != 0 { iif } else { ifindex };
+    rd(dev, conf!(dev_nd_net)).unwrap_or(0)
+}
+
+/// The reply tuple as the packet at confirmation implies it, for kernels
+/// without the `nf_conn` layout: NAT has rewritten the packet by then
+/// (DNAT before, SNAT at priority 100, confirmation last), so swapping its
+/// ends gives the post-NAT reply. ICMP replies change type: left unknown.
+#[inline(always)]
+pub fn reply_from_packet(ev: &mut FlowEvent) {
+    let t = ev.tuple;
+    if t.family == 0
+        || t.proto == 1
+        || t.proto == 58
+        || ev.flags & conntrack_ebpf::flags::NO_L4 != 0
+    {
+        return;
+    }
+    ev.reply = FlowTuple {
+        saddr: t.daddr,
+        daddr: t.saddr,
+        sport: t.dport,
+        dport: t.sport,
+        family: t.family,
+        proto: t.proto,
+        _pad: [0; 2],
+    };
 }

@@ -64,7 +64,8 @@ pub mod stat {
     /// matched, so occupancy for them comes from ctnetlink instead.
     pub const LIVE_OVERFLOW: u32 = 10;
     /// Allocation failures not preceded by a failed early_drop (slab
-    /// failures): not table-full drops.
+    /// failures). Nothing counts them since the kprobe mode stopped hooking
+    /// the allocation; the index stays so the others keep theirs.
     pub const ALLOC_ERR: u32 = 11;
     /// Records not streamed because of `Config::stream_budget` (counted in
     /// the maps all the same).
@@ -111,6 +112,9 @@ pub struct FlowEvent {
     pub flags: u8,
     pub _pad: u8,
     pub comm: [u8; 16],
+    /// The entry's reply tuple (kernel-probe modes, new entries): after NAT,
+    /// its source is the backend that answers. `family` 0: not known.
+    pub reply: FlowTuple,
 }
 
 /// Key of the per-CPU `DROPS` aggregation map: everything attribution needs,
@@ -119,6 +123,9 @@ pub struct FlowEvent {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AggKey {
     pub saddr: [u8; 16],
+    /// Before NAT (conntrack runs before it): the address the flow was
+    /// sent to, which names the service a forwarded flow was meant for.
+    pub daddr: [u8; 16],
     pub cgroup_id: u64,
     pub sock_ino: u64,
     pub netns: u32,
@@ -130,6 +137,18 @@ pub struct AggKey {
     pub role: u8,
     pub kind: u8,
     pub _pad: [u8; 2],
+}
+
+/// Value of the per-CPU count maps. Besides the count, the last source port
+/// seen for the key (the key has none, so a flood from one source stays one
+/// key), so userspace can find the socket at a flow's origin without a
+/// record per packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AggValue {
+    pub count: u64,
+    pub sport: u16,
+    pub _pad: [u8; 6],
 }
 
 /// Kernel struct offsets and enum values, resolved from BTF by userspace at
@@ -180,7 +199,28 @@ pub struct Config {
     /// first record of every new aggregation key is always streamed, and
     /// totals come from the per-CPU maps either way.
     pub stream_budget: u32,
+    /// First-of-key records per second per CPU (0: unlimited): a flood of
+    /// new keys must not become a flood of records either.
+    pub first_budget: u32,
+    /// Start of the one read that covers every `sk_buff` field the drop
+    /// path needs (`SKB_SPAN` bytes from here); `u32::MAX` when they do not
+    /// fit in one span and each field is read on its own.
+    pub skb_span: u32,
+    /// New keys one CPU may add to a count map per generation before new
+    /// keys go to the overflow count, so a flood of distinct keys cannot
+    /// evict the keys already counted.
+    pub count_cap: u32,
+    pub _pad: u32,
+    /// `offsetof(struct nf_conn, status)` (0: no nf_conn layout): a free
+    /// of an entry never confirmed must not touch the seeded occupancy.
+    pub conn_status: u32,
+    /// `conn_tuple` + `sizeof(struct nf_conntrack_tuple_hash)`: the reply
+    /// tuple (0: no nf_conn layout).
+    pub conn_reply_tuple: u32,
 }
+
+/// Bytes of `sk_buff` read at once by the drop path.
+pub const SKB_SPAN: usize = 256;
 
 /// Size of a [`FlowEvent`] on the ring buffer; userspace rejects other sizes.
 pub const FLOW_EVENT_SIZE: usize = core::mem::size_of::<FlowEvent>();
@@ -190,12 +230,14 @@ mod pod {
     // SAFETY: plain-old-data, repr(C), every bit pattern valid, padding explicit.
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::AggKey {}
+    unsafe impl aya::Pod for super::AggValue {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::FlowTuple {}
 }
 
 // Layout is part of the kernel/user ABI: fail the build if it drifts.
 const _: () = assert!(core::mem::size_of::<FlowTuple>() == 40);
-const _: () = assert!(core::mem::size_of::<FlowEvent>() == 104);
-const _: () = assert!(core::mem::size_of::<AggKey>() == 64);
-const _: () = assert!(core::mem::size_of::<Config>() == 112);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 144);
+const _: () = assert!(core::mem::size_of::<AggKey>() == 80);
+const _: () = assert!(core::mem::size_of::<AggValue>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 136);

@@ -5,6 +5,7 @@
 
 mod common;
 mod probes;
+mod skb;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -35,7 +35,6 @@ struct Cli {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ModeArg {
     Auto,
-    Fentry,
     Kprobe,
     Tracepoint,
 }
@@ -52,7 +51,7 @@ enum Cmd {
         max_lines: u64,
     },
     /// Stream every conntrack event the kernel probes see: new entries,
-    /// evictions, clashes and table-full drops (fentry/kprobe modes).
+    /// evictions, clashes and table-full drops (kprobe mode).
     Events {
         /// JSON lines instead of text.
         #[arg(long)]
@@ -189,7 +188,6 @@ impl Settings {
         Settings {
             mode: match c.mode {
                 ModeArg::Auto => None,
-                ModeArg::Fentry => Some(Mode::Fentry),
                 ModeArg::Kprobe => Some(Mode::Kprobe),
                 ModeArg::Tracepoint => Some(Mode::Tracepoint),
             },

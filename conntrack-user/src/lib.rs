@@ -22,7 +22,7 @@ use std::process::ExitCode;
 use cli::{Command, Settings};
 
 /// Parses the command line, runs the command, and maps the outcome to an
-/// exit code; errors are printed as one line.
+/// exit code (README "Exit codes"); errors are printed as one line.
 pub fn run() -> ExitCode {
     let settings = Settings::from_args();
     let level = match settings.verbose {
@@ -41,7 +41,7 @@ pub fn run() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ctwatch: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(error::Failure::Runtime as u8);
         }
     };
     let result = rt.block_on(async {
@@ -63,7 +63,7 @@ pub fn run() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ctwatch: {}", kernel::loader::chain(&e));
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }

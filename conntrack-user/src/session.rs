@@ -82,6 +82,7 @@ impl Session {
             stream_budget: streaming.budget,
         })?;
         let source = KernelSource::new(&mut loaded)?;
+        crate::kernel::privileges::drop_unneeded();
         Ok(Self {
             probes: Some(Probes { loaded, source }),
             scope,
@@ -103,6 +104,10 @@ impl Session {
 
     pub(crate) fn probes(&self) -> Option<&Probes> {
         self.probes.as_ref()
+    }
+
+    pub(crate) fn probes_mut(&mut self) -> Option<&mut Probes> {
+        self.probes.as_mut()
     }
 
     pub(crate) fn mode(&self) -> Option<Mode> {
@@ -165,13 +170,24 @@ impl Session {
                 netns: rec.netns,
                 proto: ev.tuple.proto,
                 src: rec.tuple.src,
+                dst: rec.tuple.dst,
                 dport: rec.tuple.dport,
                 tgid: ev.pid,
                 comm: records::comm(&ev.comm),
                 cgroup_id: ev.cgroup_id,
                 sock_ino: ev.sock_ino,
             };
-            let who = self.names.process(&key);
+            // A new entry's reply tuple shows where NAT sent it: every
+            // flow to the same destination goes there too.
+            if let Some(r) = &rec.reply {
+                if (r.src, r.sport) != (rec.tuple.dst, rec.tuple.dport) {
+                    self.names.learn_nat(
+                        (rec.netns, key.proto, rec.tuple.dst, rec.tuple.dport),
+                        (r.src, r.sport),
+                    );
+                }
+            }
+            let who = self.names.flow(&key, ev.tuple.sport).process;
             out.push((rec, who));
         }
         out

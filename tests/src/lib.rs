@@ -27,6 +27,22 @@ pub fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Calls `ok` until it holds or `within` has passed; whether it held.
+/// Tests wait with it on a kernel counter or on the condition they then
+/// assert, never on a sleep that guesses how long the kernel needs.
+pub fn poll_until(within: Duration, mut ok: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if ok() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Why this test cannot run here, if it cannot (printed by the caller).
 pub fn cannot_run() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
@@ -136,6 +152,66 @@ impl Netns {
         self.kernel_stat("drop")
     }
 
+    /// Waits until the kernel's `drop` counter has risen at least `n` above
+    /// `before`, and returns the rise. Inbound packets may still sit in the
+    /// veth backlog when their sender exits; this counter moves in the same
+    /// softirq that hands the drop to ctwatch's programs.
+    pub fn drops_since(&self, before: u64, n: u64) -> u64 {
+        poll_until(Duration::from_secs(10), || {
+            self.kernel_drops() - before >= n
+        });
+        self.kernel_drops() - before
+    }
+
+    /// Packets counted so far by the `counter` rules of one chain (as
+    /// `nft list chain` names it, e.g. `inet ctw in`), summed.
+    pub fn nft_packets(&self, chain: &str) -> u64 {
+        let listing = self.exec(&["nft", &format!("list chain {chain}")]);
+        let words: Vec<&str> = listing.split_whitespace().collect();
+        words
+            .windows(2)
+            .filter(|w| w[0] == "packets")
+            .map(|w| w[1].parse::<u64>().expect("packet count"))
+            .sum()
+    }
+
+    /// Packets conntrack has found new here so far: the counter of the rule
+    /// [`Netns::enable_conntrack`] adds, which runs once conntrack is done
+    /// with a packet (entry created, evictions made).
+    pub fn new_flows(&self) -> u64 {
+        self.nft_packets("inet ctw pre")
+    }
+
+    /// One field of this netns's `/proc/net/snmp` (e.g. `Udp`,
+    /// `InDatagrams`): the kernel's own protocol counters.
+    pub fn snmp(&self, proto: &str, field: &str) -> u64 {
+        let text = self.exec(&["cat", "/proc/net/snmp"]);
+        let prefix = format!("{proto}:");
+        let mut rows = text.lines().filter(|l| l.starts_with(&prefix));
+        let (names, values) = (rows.next(), rows.next());
+        let (Some(names), Some(values)) = (names, values) else {
+            panic!("no {proto} rows in /proc/net/snmp:\n{text}");
+        };
+        let col = names
+            .split_whitespace()
+            .position(|n| n == field)
+            .unwrap_or_else(|| panic!("no {field} in {names}"));
+        values
+            .split_whitespace()
+            .nth(col)
+            .expect("value")
+            .parse()
+            .expect("a number")
+    }
+
+    /// A counter of one of this netns's interfaces (`tx_dropped`, ...).
+    pub fn link_stat(&self, dev: &str, stat: &str) -> u64 {
+        self.exec(&["cat", &format!("/sys/class/net/{dev}/statistics/{stat}")])
+            .trim()
+            .parse()
+            .expect("a number")
+    }
+
     /// One column of this netns's `/proc/net/stat/nf_conntrack`, found by
     /// its header name and summed over CPUs: the kernel's own counter.
     pub fn kernel_stat(&self, column: &str) -> u64 {
@@ -199,6 +275,53 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Spawns ctpeer inside this netns, a member of the cgroup v2
+    /// directory `cgroup` from before its first instruction, as a
+    /// container's processes are: a shell joins it, then execs ctpeer.
+    pub fn peer_in_cgroup(&self, cgroup: &std::path::Path, args: &[&str]) -> Peer {
+        let mut child = Command::new("sh")
+            .args(["-c", "echo $$ > \"$0\" && exec \"$@\""])
+            .arg(cgroup.join("cgroup.procs"))
+            .args(["ip", "netns", "exec", &self.name])
+            .arg(ctpeer_bin())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn ctpeer");
+        let pid = child.id();
+        let stdout = child.stdout.take().unwrap();
+        let peer = Peer { child, pid };
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("ctpeer output");
+        assert!(
+            line.starts_with("ready"),
+            "ctpeer {args:?} in {cgroup:?} said {line:?}"
+        );
+        peer
+    }
+
+    /// [`Netns::peer_run`] as a member of the cgroup v2 directory `cgroup`.
+    pub fn peer_run_in_cgroup(&self, cgroup: &std::path::Path, args: &[&str]) -> (u32, String) {
+        let child = Command::new("sh")
+            .args(["-c", "echo $$ > \"$0\" && exec \"$@\""])
+            .arg(cgroup.join("cgroup.procs"))
+            .args(["ip", "netns", "exec", &self.name])
+            .arg(ctpeer_bin())
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn ctpeer");
+        let pid = child.id();
+        let out = child.wait_with_output().expect("ctpeer");
+        assert!(out.status.success(), "ctpeer {args:?} in {cgroup:?} failed");
+        (pid, String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")
@@ -225,6 +348,8 @@ impl Drop for Peer {
 pub struct Lab {
     pub srv: Netns,
     pub cli: Netns,
+    /// The veth end in `cli`.
+    pub cli_dev: String,
 }
 
 impl Lab {
@@ -255,7 +380,11 @@ impl Lab {
             ns.exec(&["ip", "link", "set", dev, "up"]);
         }
         srv.enable_conntrack();
-        Lab { srv, cli }
+        Lab {
+            srv,
+            cli,
+            cli_dev: b,
+        }
     }
 
     /// Fills the srv table with `n` assured (established) TCP entries, which
@@ -266,10 +395,7 @@ impl Lab {
             .cli
             .peer(&["tcp-hold", &format!("198.18.0.1:{port}"), &n.to_string()]);
         // The final handshake ACK may still be in flight on the veth.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.srv.count() < n as u64 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll_until(Duration::from_secs(5), || self.srv.count() >= n as u64);
         assert_eq!(self.srv.count(), n as u64, "table not filled to {n}");
         (listener, holder)
     }
@@ -320,7 +446,29 @@ pub struct Ctwatch {
     pub pid: u32,
     child: Option<Child>,
     stderr: mpsc::Receiver<String>,
+    /// Read as it comes, so a test can wait on what ctwatch prints and a
+    /// chatty run never blocks on a full pipe.
+    stdout: mpsc::Receiver<String>,
+    /// What has been taken off `stdout` so far.
+    out: String,
     pub banner: String,
+}
+
+/// Forwards `from` line by line (newline kept) until it closes.
+fn lines_of(from: impl Read + Send + 'static, echo: bool) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).split(b'\n').map_while(Result::ok) {
+            let line = String::from_utf8_lossy(&line).into_owned();
+            if echo {
+                eprintln!("[ctwatch] {line}");
+            }
+            if tx.send(line + "\n").is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 impl Ctwatch {
@@ -331,20 +479,14 @@ impl Ctwatch {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn ctwatch");
-        let (tx, rx) = mpsc::channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("[ctwatch] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let stderr = lines_of(child.stderr.take().unwrap(), true);
+        let stdout = lines_of(child.stdout.take().unwrap(), false);
         let mut w = Ctwatch {
             pid: child.id(),
             child: Some(child),
-            stderr: rx,
+            stderr,
+            stdout,
+            out: String::new(),
             banner: String::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -352,7 +494,7 @@ impl Ctwatch {
             let left = deadline.saturating_duration_since(Instant::now());
             match w.stderr.recv_timeout(left) {
                 Ok(l) if l.contains(" mode on kernel ") => {
-                    w.banner = l;
+                    w.banner = l.trim_end().to_string();
                     break;
                 }
                 Ok(_) => continue,
@@ -365,6 +507,29 @@ impl Ctwatch {
         w
     }
 
+    /// Asserts the banner says ctwatch runs in `mode` with every program
+    /// of [`required_programs`] attached: a zero total is evidence only
+    /// when the programs that would have counted were there.
+    pub fn assert_attached(&self, mode: &str) {
+        assert_attached(&self.banner, mode);
+    }
+
+    /// Waits until what ctwatch printed on stdout so far satisfies `ok`;
+    /// whether it did within `within`.
+    pub fn stdout_until(&mut self, within: Duration, mut ok: impl FnMut(&str) -> bool) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if ok(&self.out) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => self.out.push_str(&line),
+                Err(_) => return false,
+            }
+        }
+    }
+
     /// Sends SIGINT (as Ctrl-C would) and returns (exit code, stdout).
     pub fn stop(self) -> (i32, String) {
         self.stop_with(libc::SIGINT)
@@ -373,22 +538,120 @@ impl Ctwatch {
     pub fn stop_with(mut self, signal: i32) -> (i32, String) {
         let mut child = self.child.take().unwrap();
         unsafe { libc::kill(child.id() as i32, signal) };
-        let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
         let status = child.wait().unwrap();
-        (status.code().unwrap_or(-1), out)
+        (status.code().unwrap_or(-1), self.rest_of_stdout())
+    }
+
+    /// Waits for ctwatch to exit by itself (its window ran out) and
+    /// returns (exit code, stdout); panics after `within`.
+    pub fn wait_exit(mut self, within: Duration) -> (i32, String) {
+        let mut child = self.child.take().unwrap();
+        let exited = poll_until(within, || child.try_wait().is_ok_and(|s| s.is_some()));
+        if !exited {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ctwatch did not exit by itself within {within:?}");
+        }
+        let status = child.wait().unwrap();
+        (status.code().unwrap_or(-1), self.rest_of_stdout())
+    }
+
+    /// Everything printed on stdout, once the process is gone.
+    fn rest_of_stdout(&mut self) -> String {
+        // The reader thread ends, closing the channel, at end of file.
+        for line in self.stdout.iter() {
+            self.out.push_str(&line);
+        }
+        std::mem::take(&mut self.out)
     }
 
     /// Stops a `report --json` run and parses its document.
     pub fn report(self) -> Value {
-        let (code, out) = self.stop();
-        assert_eq!(code, 0, "ctwatch exited with {code}: {out}");
-        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"))
+        json_document(self.stop())
+    }
+}
+
+/// The document of a `--json` run that ended with (code, stdout).
+pub fn json_document((code, out): (i32, String)) -> Value {
+    assert_eq!(code, 0, "ctwatch exited with {code}: {out}");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"))
+}
+
+/// conntrack-user's table of attach points, built into the test binaries:
+/// they also run inside VMs, away from the source tree.
+const COMPAT_RS: &str = include_str!("../../conntrack-user/src/kernel/compat.rs");
+
+/// The programs ctwatch cannot run `mode` without: the `required` entries
+/// of the `PROBES` table in conntrack-user's kernel/compat.rs, read from
+/// the source so the tests follow the table as it changes.
+pub fn required_programs(mode: &str) -> Vec<String> {
+    let (_, table) = COMPAT_RS
+        .split_once("pub const PROBES")
+        .expect("a PROBES table in compat.rs");
+    let table = table.split_once("\n];").map_or(table, |(t, _)| t);
+    let mut out = Vec::new();
+    for entry in table.split("spec(").skip(1) {
+        let args = call_args(entry);
+        let [program, entry_mode, _, _, required, ..] = args.as_slice() else {
+            panic!("compat.rs: cannot read spec({entry}");
+        };
+        if entry_mode.eq_ignore_ascii_case(mode) && required == "true" {
+            out.push(program.trim_matches('"').to_string());
+        }
+    }
+    assert!(
+        !out.is_empty(),
+        "compat.rs lists no required program for {mode} mode"
+    );
+    out
+}
+
+/// The comma-separated arguments of a call whose opening parenthesis has
+/// just been read, up to its closing one.
+fn call_args(text: &str) -> Vec<String> {
+    let (mut args, mut arg) = (Vec::new(), String::new());
+    let (mut depth, mut quoted) = (1, false);
+    for ch in text.chars() {
+        match ch {
+            '"' => quoted = !quoted,
+            '(' if !quoted => depth += 1,
+            ')' if !quoted => {
+                depth -= 1;
+                if depth == 0 {
+                    break;
+                }
+            }
+            ',' if !quoted && depth == 1 => {
+                args.push(std::mem::take(&mut arg).trim().to_string());
+                continue;
+            }
+            _ => {}
+        }
+        arg.push(ch);
+    }
+    if !arg.trim().is_empty() {
+        args.push(arg.trim().to_string());
+    }
+    args
+}
+
+/// Asserts a banner (`ctwatch: MODE mode on kernel X (attached: a, b)`)
+/// names `mode` and every program [`required_programs`] lists for it.
+pub fn assert_attached(banner: &str, mode: &str) {
+    assert!(
+        banner.contains(&format!("ctwatch: {mode} mode on kernel ")),
+        "not in {mode} mode: {banner}"
+    );
+    let attached: Vec<&str> = banner
+        .split_once("(attached: ")
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(list, _)| list.split(", ").collect())
+        .unwrap_or_default();
+    for program in required_programs(mode) {
+        assert!(
+            attached.contains(&program.as_str()),
+            "{program} is not attached: {banner}"
+        );
     }
 }
 
@@ -484,7 +747,73 @@ pub fn ctwatch_programs() -> Vec<String> {
         .collect()
 }
 
-/// Lets the last packets and ring-buffer records land before stopping.
-pub fn settle() {
-    std::thread::sleep(Duration::from_millis(500));
+impl Ctwatch {
+    /// Stops ctwatch with SIGINT and returns (exit code, stdout, peak RSS
+    /// in bytes). The peak is the kernel's own accounting of the child
+    /// (`ru_maxrss` from wait4: its VmHWM when it exited), so memory taken
+    /// while building the final report counts too.
+    pub fn stop_with_peak_rss(mut self) -> (i32, String, u64) {
+        let child = self.child.take().unwrap();
+        let pid = child.id() as libc::pid_t;
+        unsafe { libc::kill(pid, libc::SIGINT) };
+        let mut status = 0;
+        // SAFETY: plain out-parameters; wait4 reaps our own child, and the
+        // `Child` handle is dropped below without waiting on it again.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        loop {
+            let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+            if rc == pid {
+                break;
+            }
+            let err = std::io::Error::last_os_error();
+            assert_eq!(err.kind(), std::io::ErrorKind::Interrupted, "wait4: {err}");
+        }
+        drop(child);
+        let code = if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            -1
+        };
+        let peak = usage.ru_maxrss as u64 * 1024;
+        (code, self.rest_of_stdout(), peak)
+    }
+}
+
+/// `VmHWM` of a running process, in bytes: the peak resident set so far.
+pub fn vm_hwm(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_attach_table_is_read_and_banners_checked_against_it() {
+        let banner = |mode: &str, programs: &[String]| {
+            format!(
+                "ctwatch: {mode} mode on kernel 6.1.0 (attached: {}); reporting",
+                programs.join(", ")
+            )
+        };
+        for mode in ["kprobe", "tracepoint"] {
+            let programs = required_programs(mode);
+            assert!(
+                programs.iter().all(|p| p.starts_with("ctw_")),
+                "{mode}: {programs:?}"
+            );
+            assert_attached(&banner(mode, &programs), mode);
+            let one_short = banner(mode, &programs[1..]);
+            assert!(std::panic::catch_unwind(|| assert_attached(&one_short, mode)).is_err());
+        }
+    }
 }

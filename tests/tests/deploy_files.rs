@@ -173,6 +173,8 @@ fn exprs(p: &Json) -> Vec<&str> {
         .unwrap_or_default()
 }
 
+/// The panels a fleet needs are there. Whether every series they query
+/// exists is checked against a real scrape, in serve.rs.
 #[test]
 fn dashboard_panels_use_the_exported_series() {
     let d = dashboard();
@@ -214,35 +216,4 @@ fn dashboard_panels_use_the_exported_series() {
         );
     }
     assert!(has(&|e| e.contains("ctwatch_lost_events_total")));
-}
-
-#[test]
-fn dashboard_references_only_series_that_exist() {
-    const KNOWN: &[&str] = &[
-        "ctwatch_info",
-        "ctwatch_nf_conntrack_entries",
-        "ctwatch_nf_conntrack_entries_limit",
-        "ctwatch_nf_conntrack_buckets",
-        "ctwatch_nf_conntrack_stat_drop_total",
-        "ctwatch_nf_conntrack_stat_early_drop_total",
-        "ctwatch_nf_conntrack_stat_insert_failed_total",
-        "ctwatch_table_full_drops_total",
-        "ctwatch_lost_events_total",
-        "ctwatch_evictions_total",
-        "ctwatch_clashes_total",
-        "ctwatch_table_full_drops_by_total",
-        "ctwatch_entries_by",
-        "ctwatch_new_entries_by_total",
-    ];
-    let d = dashboard();
-    let text = serde_json::to_string(&d).unwrap();
-    let mut rest = text.as_str();
-    while let Some(i) = rest.find("ctwatch_") {
-        let name: String = rest[i..]
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        assert!(KNOWN.contains(&name.as_str()), "unknown series {name}");
-        rest = &rest[i + name.len()..];
-    }
 }

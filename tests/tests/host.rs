@@ -3,6 +3,8 @@
 //! mode (`CTWATCH_TEST_MODE`). Each test builds its own namespaces; counts
 //! are checked against the kernel's own per-netns `drop` counter, never
 //! against ctwatch alone.
+use std::time::Duration;
+
 use ctwatch_tests::*;
 
 const HOLD_PORT: u16 = 7400;
@@ -32,7 +34,7 @@ fn udp_inbound_flood_is_attributed_to_source_port_and_listener() {
     );
     lab.cli
         .peer_run(&["udp-send", "198.18.0.1:5353", &N.to_string()]);
-    settle();
+    lab.srv.drops_since(before, N as u64);
     let r = w.report();
     let kernel = lab.srv.kernel_drops() - before;
     assert_eq!(kernel, N as u64, "kernel drop counter");
@@ -67,7 +69,7 @@ fn udp_local_flood_names_the_sender() {
     let (pid, out) = lab
         .srv
         .peer_run(&["udp-send", "198.18.0.2:9999", &N.to_string()]);
-    settle();
+    lab.srv.drops_since(before, N as u64);
     let r = w.report();
     // A table-full drop on LOCAL_OUT fails sendmsg with EPERM.
     assert!(out.contains(&format!("eperm {N}")), "sender saw: {out}");
@@ -95,7 +97,7 @@ fn tcp_syn_flood_is_counted_per_syn() {
     let w = start_report(&lab.srv, &mode());
     lab.cli
         .peer_run(&["tcp-syn", "198.18.0.1:7401", &N.to_string()]);
-    settle();
+    lab.srv.drops_since(before, N as u64);
     let r = w.report();
     let kernel = lab.srv.kernel_drops() - before;
     assert!(
@@ -125,7 +127,7 @@ fn ipv6_inbound_flood() {
     let w = start_report(&lab.srv, &mode());
     lab.cli
         .peer_run(&["udp-send", "[2001:2::1]:5353", &N.to_string()]);
-    settle();
+    lab.srv.drops_since(before, N as u64);
     let r = w.report();
     let kernel = lab.srv.kernel_drops() - before;
     assert!(kernel >= N as u64, "kernel saw {kernel}");
@@ -145,12 +147,22 @@ fn firewall_rule_drops_are_not_table_full_drops() {
     // Table far from full; a filter-table rule drops after conntrack ran.
     lab.srv
         .nft("add chain inet ctw in { type filter hook input priority 0; }");
-    lab.srv.nft("add rule inet ctw in udp dport 7777 drop");
+    // Counted, so the test knows when every datagram met the rule.
+    lab.srv
+        .nft("add rule inet ctw in udp dport 7777 counter drop");
     let before = lab.srv.kernel_drops();
     let w = start_report(&lab.srv, &mode());
+    // The zero below means something only if the programs were watching.
+    w.assert_attached(&mode());
     lab.cli
         .peer_run(&["udp-send", "198.18.0.1:7777", &N.to_string()]);
-    settle();
+    assert!(
+        poll_until(Duration::from_secs(10), || {
+            lab.srv.nft_packets("inet ctw in") >= N as u64
+        }),
+        "the rule dropped {} of {N} datagrams",
+        lab.srv.nft_packets("inet ctw in")
+    );
     let r = w.report();
     assert_eq!(
         lab.srv.kernel_drops() - before,
@@ -176,11 +188,21 @@ fn raw_table_drops_show_in_the_reconciliation() {
     // to the in-kernel filter, and only the kernel counter can tell.
     lab.srv
         .nft("add chain inet ctw raw { type filter hook prerouting priority -300; }");
-    lab.srv.nft("add rule inet ctw raw udp dport 7778 drop");
+    lab.srv
+        .nft("add rule inet ctw raw udp dport 7778 counter drop");
     let w = start_report(&lab.srv, &mode());
+    // In the kernel-probe modes the total must be zero: only with the
+    // programs attached does that say anything.
+    w.assert_attached(&mode());
     lab.cli
         .peer_run(&["udp-send", "198.18.0.1:7778", &N.to_string()]);
-    settle();
+    assert!(
+        poll_until(Duration::from_secs(10), || {
+            lab.srv.nft_packets("inet ctw raw") >= N as u64
+        }),
+        "the rule dropped {} of {N} datagrams",
+        lab.srv.nft_packets("inet ctw raw")
+    );
     let r = w.report();
     if mode() != "tracepoint" {
         // The kernel-probe modes watch conntrack's own allocation: a rule
@@ -207,10 +229,19 @@ fn drops_stream_prints_each_flow() {
     let _l = lab.srv.peer(&["udp-listen", "0.0.0.0:5353"]);
     let ns = lab.srv.name.clone();
     let m = mode();
-    let w = Ctwatch::start(&["drops", "--json", "--mode", &m, "--netns", &ns]);
+    let before = lab.srv.kernel_drops();
+    let mut w = Ctwatch::start(&["drops", "--json", "--mode", &m, "--netns", &ns]);
     lab.cli
         .peer_run(&["udp-send", "198.18.0.1:5353", &N.to_string()]);
-    settle();
+    lab.srv.drops_since(before, N as u64);
+    // A stopped stream prints nothing more: wait for the lines themselves.
+    w.stdout_until(Duration::from_secs(10), |out| {
+        out.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["type"] == "drop")
+            .count()
+            >= N
+    });
     let (code, out) = w.stop();
     assert_eq!(code, 0);
     let lines: Vec<Value> = out
@@ -265,11 +296,8 @@ fn nothing_stays_attached_after_exit() {
         );
         let (code, _) = w.stop_with(signal);
         assert_eq!(code, 0, "exit after signal {signal}");
-        // Teardown follows the last fd close; give deferred frees a moment.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-        while !still_loaded(&ids).is_empty() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        // Teardown follows the last fd close; deferred frees take a moment.
+        poll_until(Duration::from_secs(3), || still_loaded(&ids).is_empty());
         assert!(
             still_loaded(&ids).is_empty(),
             "left attached after signal {signal}: {ids:?}"
@@ -322,7 +350,8 @@ fn flood_totals_stay_exact_when_records_are_not_streamed() {
     let w = start_report(&lab.srv, &mode());
     // One socket, 1 s flat out: far more drops than the stream budget.
     let (pid, _) = lab.srv.peer_run(&["udp-flood", "198.18.0.2:9", "1000"]);
-    settle();
+    // Nothing to wait for: each drop happened inside the sender's own
+    // sendmsg, so all of them were counted before it exited.
     let r = w.report();
     let kernel = lab.srv.kernel_drops() - before;
     assert!(

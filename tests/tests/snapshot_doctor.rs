@@ -2,10 +2,7 @@
 //! (`--test-threads=1`). Snapshot counts are checked against what
 //! `conntrack -L` lists in the same namespace, and the doctor's evidence
 //! against the kernel's own per-netns `drop` counter.
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use ctwatch_tests::*;
 
@@ -98,10 +95,9 @@ fn snapshot_matches_conntrack_list() {
         &format!("198.18.0.1:{UDP_PORT}"),
         &UDP.to_string(),
     ]);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while lab.srv.count() < (TCP + UDP) as u64 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_until(Duration::from_secs(5), || {
+        lab.srv.count() >= (TCP + UDP) as u64
+    });
 
     // nf_conntrack_max is global and other suites lower it for a while:
     // compare it only when it held still around the snapshot.
@@ -245,7 +241,6 @@ fn doctor_names_full_table_and_flooding_port() {
     finding_for(&everyone, inum, "critical");
 
     let before = lab.srv.kernel_drops();
-    let t0 = Instant::now();
     let w = Ctwatch::start(&[
         "doctor",
         "--json",
@@ -266,12 +261,11 @@ fn doctor_names_full_table_and_flooding_port() {
         &format!("198.18.0.1:{UDP_PORT}"),
         &N.to_string(),
     ]);
-    let kernel = lab.srv.kernel_drops() - before;
+    let kernel = lab.srv.drops_since(before, N as u64);
     assert_eq!(kernel, N as u64, "kernel drop counter");
-    // Let the window run out rather than cutting it short.
-    let left = Duration::from_millis(2500).saturating_sub(t0.elapsed());
-    std::thread::sleep(left);
-    let doc = w.report();
+    // The window runs out rather than being cut short: the doctor ends
+    // by itself.
+    let doc = json_document(w.wait_exit(Duration::from_secs(30)));
 
     let f = finding_for(&doc, inum, "critical");
     assert_eq!(doc["findings"][0]["severity"], "critical", "{doc}");
@@ -331,8 +325,18 @@ fn doctor_names_full_table_and_flooding_port() {
             .unwrap(),
     ]);
     let before = lab.srv.kernel_drops();
+    let delivered = lab.srv.snmp("Ip", "InDelivers");
     lab.cli
         .peer_run(&["udp-send", &format!("198.18.0.1:{UDP_PORT}"), "20"]);
+    // No drop is only news once the datagrams got past every hook and were
+    // delivered. (Udp InDatagrams would wait for the listener to read.)
+    assert!(
+        poll_until(Duration::from_secs(10), || {
+            lab.srv.snmp("Ip", "InDelivers") - delivered >= 20
+        }),
+        "{} of 20 datagrams were delivered",
+        lab.srv.snmp("Ip", "InDelivers") - delivered
+    );
     assert_eq!(
         lab.srv.kernel_drops(),
         before,

@@ -317,10 +317,7 @@ fn top_names_the_flood_switches_dimensions_and_quits_clean() {
 
     // q quits: the session ends, ctwatch exits 0 and its programs are gone.
     t.keys("q");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while t.alive() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    poll_until(Duration::from_secs(10), || !t.alive());
     assert!(!t.alive(), "ctwatch top did not exit on q\n{}", t.screen());
     assert_eq!(t.exit_code(), Some(0), "stderr: {}", t.stderr());
     let left: BTreeSet<u32> = ours.intersection(&loaded_prog_ids()).copied().collect();

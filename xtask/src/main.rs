@@ -2,6 +2,7 @@
 //! over plain `cargo` / system commands, with no hidden state; everything it
 //! needs is installed on first use (see `setup`).
 mod bench;
+mod fuzz;
 mod setup;
 mod vm;
 
@@ -25,7 +26,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install missing prerequisites (nightly rust-src, bpf-linker, Debian tools).
+    /// Install missing prerequisites (nightly rust-src, bpf-linker, cargo-fuzz, Debian tools).
     Setup,
     /// Build the eBPF object and `ctwatch`.
     Build {
@@ -50,7 +51,15 @@ enum Cmd {
         no_vm: bool,
     },
     /// Overhead and speed ratios, side by side; writes docs/benchmarks.md.
-    Bench,
+    Bench(bench::BenchArgs),
+    /// Fuzz the decoders of untrusted input (cargo-fuzz, nightly).
+    Fuzz {
+        /// Time budget per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
     /// Integration tests inside QEMU VMs on Debian kernels.
     IntegrationTest {
         #[command(subcommand)]
@@ -211,6 +220,11 @@ fn test(kernels: &[String], no_vm: bool) -> Result<()> {
             ])
             .env("CTWATCH_EBPF_OBJECT", &obj),
     )?;
+    eprintln!(
+        "xtask: fuzz smoke ({} s per target, no sanitizer)",
+        fuzz::SMOKE_SECONDS
+    );
+    let fuzzed = fuzz::smoke(ci)?;
     eprintln!("xtask: host integration tests (root, serial, tracepoint mode)");
     let mut c = cargo();
     c.args([
@@ -244,14 +258,23 @@ fn test(kernels: &[String], no_vm: bool) -> Result<()> {
         eprintln!("xtask: VM suite (kprobe mode inside QEMU)");
         vm_counts = integration_vm(&ks)?;
     }
-    let passed = unit.0 + host.0 + vm_counts.0;
+    let passed = unit.0 + fuzzed + host.0 + vm_counts.0;
     let failed = unit.1 + host.1 + vm_counts.1;
     println!("ctwatch: {passed} passed, {failed} failed");
     Ok(())
 }
 
-fn bench() -> Result<()> {
+fn bench(args: &bench::BenchArgs) -> Result<()> {
     setup::ensure_test_tools()?;
+    if args.no_build {
+        // Whatever the last `cargo xtask build --release` left.
+        return bench::bench(
+            &root().join("target/release/ctwatch"),
+            &root().join("target/release/ctpeer"),
+            &root(),
+            args,
+        );
+    }
     let ctwatch = build(true)?;
     run(cargo().args([
         "build",
@@ -262,7 +285,12 @@ fn bench() -> Result<()> {
         "--bin",
         "ctpeer",
     ]))?;
-    bench::bench(&ctwatch, &root().join("target/release/ctpeer"), &root())
+    bench::bench(
+        &ctwatch,
+        &root().join("target/release/ctpeer"),
+        &root(),
+        args,
+    )
 }
 
 fn main() -> Result<()> {
@@ -270,12 +298,14 @@ fn main() -> Result<()> {
         Cmd::Setup => {
             setup::ensure_build_tools()?;
             setup::ensure_test_tools()?;
+            setup::ensure_fuzz_tools()?;
             vm::ensure_host_tools()
         }
         Cmd::Build { release } => build(release).map(|p| eprintln!("xtask: built {}", p.display())),
         Cmd::Run { release, args } => run_ctwatch(release, &args),
         Cmd::Test { kernel, no_vm } => test(&kernel, no_vm),
-        Cmd::Bench => bench(),
+        Cmd::Bench(args) => bench(&args),
+        Cmd::Fuzz { seconds, targets } => fuzz::run(&targets, seconds, "address"),
         Cmd::IntegrationTest {
             target: ItTarget::Vm { kernel },
         } => integration_vm(&kernel).map(|_| ()),

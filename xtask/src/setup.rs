@@ -142,16 +142,59 @@ pub fn ensure_test_tools() -> Result<()> {
         ("conntrack", "conntrack"),
         ("tmux", "tmux"),
         ("curl", "curl"),
+        // The real consumers of `serve`: tests/tests/consumers.rs.
+        ("promtool", "prometheus"),
     ];
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(tool, _)| !have(tool) && !Path::new(&format!("/usr/sbin/{tool}")).exists())
         .map(|(_, pkg)| *pkg)
         .collect();
-    if missing.is_empty() {
+    if !missing.is_empty() {
+        apt_install(&missing)?;
+    }
+    ensure_kubernetes_validate()
+}
+
+/// The manifest validator tests/tests/consumers.rs runs; PyPI only.
+fn ensure_kubernetes_validate() -> Result<()> {
+    if have("kubernetes-validate") {
         return Ok(());
     }
-    apt_install(&missing)
+    let pip_ok = Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !pip_ok {
+        apt_install(&["python3-pip"])?;
+    }
+    eprintln!("xtask: installing kubernetes-validate (pip)");
+    let pip = |extra: &[&str]| {
+        let mut c = Command::new("python3");
+        c.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(extra)
+        .arg("kubernetes-validate");
+        c
+    };
+    // Debian's own python3 refuses a system-wide pip install (PEP 668)
+    // unless told; a pyenv or venv python takes the plain form.
+    if run(&mut pip(&[])).is_err() {
+        run(&mut pip(&["--break-system-packages"]))?;
+    }
+    // pyenv publishes new console scripts only through its shims.
+    if !have("kubernetes-validate") && have("pyenv") {
+        let _ = Command::new("pyenv").arg("rehash").status();
+    }
+    if !have("kubernetes-validate") {
+        bail!("pip installed kubernetes-validate, but it is not on PATH");
+    }
+    Ok(())
 }
 
 pub fn apt_install(pkgs: &[&str]) -> Result<()> {
@@ -173,4 +216,19 @@ pub fn apt_install(pkgs: &[&str]) -> Result<()> {
 
 pub fn nix_is_root() -> bool {
     cmd_output(Command::new("id").arg("-u")).is_ok_and(|s| s.trim() == "0")
+}
+
+/// What `cargo xtask fuzz` needs: nightly (sanitizer flags), a C++
+/// compiler (libfuzzer-sys builds libFuzzer from source) and cargo-fuzz.
+pub fn ensure_fuzz_tools() -> Result<()> {
+    cmd_output(nightly("rustc").arg("-V"))
+        .context("cargo-fuzz needs the nightly toolchain: rustup toolchain install nightly")?;
+    if !have("c++") {
+        apt_install(&["g++"])?;
+    }
+    if cmd_output(Command::new("cargo").args(["fuzz", "--version"])).is_ok() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz 0.13.2 (a few minutes, once)");
+    run(Command::new("cargo").args(["install", "cargo-fuzz", "--version", "0.13.2", "--locked"]))
 }

@@ -2,9 +2,8 @@
 //! shared function whose failures are counted, never silently dropped.
 //! Program names start with `ctw_` so `bpftool prog list` shows them.
 pub mod early_drop;
+pub mod empty;
 pub mod kfree_skb;
-pub mod nf_conntrack_alloc;
 pub mod nf_conntrack_confirm;
 pub mod nf_conntrack_free;
-pub mod nf_conntrack_in;
 pub mod nf_ct_resolve_clash;

@@ -1,28 +1,22 @@
 //! `nf_conntrack_free`: an entry leaves the table for good.
 //!
 //! Prototype, unchanged 5.10 – 7.2: `void nf_conntrack_free(struct nf_conn *ct)`
-//! Entries created since attach are matched by pointer in `LIVE` (no read of
-//! `struct nf_conn`); older ones are read once to update the seeded counts.
-use aya_ebpf::{
-    macros::{fentry, kprobe},
-    programs::{FEntryContext, ProbeContext},
-};
+//! Called for every entry, confirmed or not: packets dropped before their
+//! entry was confirmed (a firewall rule, a lost clash) free it here too.
+//! Entries counted at confirmation are matched by pointer in `LIVE` (no
+//! read of `struct nf_conn`); older ones are read once to update the
+//! seeded counts.
+use aya_ebpf::{macros::kprobe, programs::ProbeContext};
 use conntrack_ebpf::{kind, role, stat, FlowEvent};
 
 use crate::common::{
     aggregate, bump, conf, emit_budgeted, key_of, net_inum, now_ns, occupy, rd, read_ct_tuple,
-    scratch_event, slot_get, tag, EARLY, LIVE,
+    scratch_event, slot_get, tag, EARLY, IPS_CONFIRMED, LIVE,
 };
 
 #[kprobe]
 pub fn ctw_free_kp(ctx: ProbeContext) -> u32 {
     let _ = on_free(ctx.arg::<u64>(0).unwrap_or(0));
-    0
-}
-
-#[fentry(function = "nf_conntrack_free")]
-pub fn ctw_free_fe(ctx: FEntryContext) -> u32 {
-    let _ = on_free(ctx.arg::<u64>(0));
     0
 }
 
@@ -45,6 +39,11 @@ fn on_free(ct: u64) -> Result<(), i32> {
             ev.kind = kind::SEED_FREE;
         }
         None => {
+            let status: u64 = rd(ct, conf!(conn_status))?;
+            if status & IPS_CONFIRMED == 0 {
+                // Never in the table, so neither in the seed nor in LIVE.
+                return Ok(());
+            }
             read_ct_tuple(ct + conf!(conn_tuple) as u64, &mut ev.tuple)?;
             let net: u64 = rd(ct, conf!(conn_net)).unwrap_or(0);
             ev.netns = net_inum(net);

@@ -5,21 +5,21 @@
 //! `static int nf_ct_resolve_clash(struct sk_buff *skb,
 //!      struct nf_conntrack_tuple_hash *h, u32 repl_idx)`
 //! Returns NF_ACCEPT when the clash was resolved, NF_DROP (0) when not.
-//! It may be inlined on some builds; the probe is optional.
+//! It may be inlined on some builds; the probe is optional. It runs inside
+//! `__nf_conntrack_confirm` with bottom halves off, so the entry/return
+//! stash cannot be overwritten by a nested call on this CPU.
 use aya_ebpf::{
-    macros::{fexit, kprobe, kretprobe},
-    programs::{FExitContext, ProbeContext, RetProbeContext},
+    macros::{kprobe, kretprobe},
+    programs::{ProbeContext, RetProbeContext},
 };
 use conntrack_ebpf::{kind, stat, FlowEvent};
 
 use crate::common::{
     aggregate, bump, conf, emit_budgeted, net_inum, now_ns, rd, read_ct_tuple, scratch_event,
-    slot_get, slot_set, tag, ARGS,
+    slot_get, slot_set, tag, ARGS, NFCT_PTRMASK,
 };
 
 const NF_DROP: u64 = 0;
-/// Low bits of `skb->_nfct` hold ctinfo.
-const NFCT_PTRMASK: u64 = !7u64;
 
 #[kprobe]
 pub fn ctw_clash_kp(ctx: ProbeContext) -> u32 {
@@ -36,12 +36,6 @@ pub fn ctw_clash_krp(ctx: RetProbeContext) -> u32 {
     }
     slot_set(&ARGS, 3, 0);
     let _ = on_clash(slot_get(&ARGS, 4), slot_get(&ARGS, 5), ctx.ret::<u64>());
-    0
-}
-
-#[fexit(function = "nf_ct_resolve_clash")]
-pub fn ctw_clash_fx(ctx: FExitContext) -> u32 {
-    let _ = on_clash(ctx.arg(0), ctx.arg(1), ctx.arg(3));
     0
 }
 

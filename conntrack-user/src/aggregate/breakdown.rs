@@ -1,21 +1,36 @@
 //! Counts broken down by the dimensions every report shows: source
-//! address, destination port, process, namespace and cgroup.
+//! address, destination port, process, namespace and cgroup, and both ends
+//! of a flow (origin, service) with their pod or container.
+use std::net::IpAddr;
+
 use serde::Serialize;
 
 use super::topk::{TopK, OTHER};
 use crate::{
-    names::resolver::{Flow, Process},
+    names::resolver::{End, Flow, Process},
     source::records,
 };
 
 /// One row of a `by_*` list, as published.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 pub(crate) struct Item {
     pub(crate) key: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) role: Option<&'static str>,
+    /// The namespace the process lives in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) netns: Option<u32>,
+    /// Its pod or container.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) container: Option<String>,
+    /// The address and port the flow was sent to, before NAT (`by_service`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) via: Option<String>,
+    /// Where NAT sent it (`by_service`), when it was translated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) to: Option<String>,
     pub(crate) count: u64,
 }
 
@@ -23,10 +38,96 @@ impl Item {
     fn other(count: u64) -> Self {
         Item {
             key: OTHER.into(),
-            pid: None,
-            role: None,
             count,
+            ..Default::default()
         }
+    }
+}
+
+/// `198.18.0.1:53`, `[fd00::1]:53`.
+pub(crate) fn endpoint(addr: IpAddr, port: u16) -> String {
+    match addr {
+        IpAddr::V6(_) => format!("[{addr}]:{port}"),
+        IpAddr::V4(_) => format!("{addr}:{port}"),
+    }
+}
+
+/// A process where it lives: the `by_process` rows.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Located {
+    process: Process,
+    netns: Option<u32>,
+    container: Option<String>,
+}
+
+impl Row for Located {
+    fn item(&self, count: u64) -> Item {
+        Item {
+            netns: self.netns,
+            container: self.container.clone(),
+            ..self.process.item(count)
+        }
+    }
+}
+
+/// One end of a flow as a row: its process where it lives, or why there
+/// is none. `via` (the destination before NAT) and `to` (after) name a
+/// service; an origin has neither.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct EndRow {
+    at: Located,
+    via: Option<String>,
+    to: Option<String>,
+}
+
+impl Row for EndRow {
+    fn item(&self, count: u64) -> Item {
+        Item {
+            via: self.via.clone(),
+            to: self.to.clone(),
+            ..self.at.item(count)
+        }
+    }
+}
+
+/// The `by_origin` row of a flow.
+fn origin_row(o: &End) -> EndRow {
+    let process = match (&o.process, o.netns) {
+        (Some(p), _) => p.clone(),
+        // An address of this host whose socket is gone: a client that sent
+        // and closed before anyone looked.
+        (None, Some(_)) => Process::plain(format!("(no socket) {}", o.addr)),
+        (None, None) => Process::plain("(outside this host)"),
+    };
+    EndRow {
+        at: Located {
+            process,
+            netns: o.netns,
+            container: o.container.clone(),
+        },
+        via: None,
+        to: None,
+    }
+}
+
+/// The `by_service` row of a flow.
+fn service_row(f: &Flow) -> EndRow {
+    let s = &f.service;
+    EndRow {
+        at: Located {
+            process: s
+                .process
+                .clone()
+                .unwrap_or_else(|| Process::plain("(no local listener)")),
+            netns: s.netns,
+            container: s.container.clone(),
+        },
+        via: Some(format!(
+            "{}/{}",
+            records::proto_name(f.proto),
+            endpoint(s.addr, s.port)
+        )),
+        to: s.backend.map(|(a, p)| endpoint(a, p)),
     }
 }
 
@@ -39,9 +140,8 @@ impl Row for String {
     fn item(&self, count: u64) -> Item {
         Item {
             key: self.clone(),
-            pid: None,
-            role: None,
             count,
+            ..Default::default()
         }
     }
 }
@@ -53,6 +153,7 @@ impl Row for Process {
             pid: self.pid,
             role: self.role,
             count,
+            ..Default::default()
         }
     }
 }
@@ -91,6 +192,9 @@ pub(crate) struct Breakdown {
     pub(crate) by_process: Vec<Item>,
     pub(crate) by_netns: Vec<Item>,
     pub(crate) by_cgroup: Vec<Item>,
+    pub(crate) by_origin: Vec<Item>,
+    pub(crate) by_service: Vec<Item>,
+    pub(crate) by_pod: Vec<Item>,
 }
 
 /// Distinct keys kept per dimension while counting.
@@ -101,9 +205,12 @@ pub(crate) struct BreakdownBuilder {
     total: u64,
     src_ip: TopK<String>,
     dst_port: TopK<String>,
-    process: TopK<Process>,
+    process: TopK<Located>,
     netns: TopK<String>,
     cgroup: TopK<String>,
+    origin: TopK<EndRow>,
+    service: TopK<EndRow>,
+    pod: TopK<String>,
 }
 
 impl Default for BreakdownBuilder {
@@ -126,6 +233,9 @@ impl BreakdownBuilder {
             process: TopK::new(cap),
             netns: TopK::new(cap),
             cgroup: TopK::new(cap),
+            origin: TopK::new(cap),
+            service: TopK::new(cap),
+            pod: TopK::new(cap),
         }
     }
 
@@ -149,11 +259,26 @@ impl BreakdownBuilder {
         self.total += n;
         self.src_ip.add(f.src.to_string(), n);
         self.dst_port.add(port_label(f.proto, f.dport), n);
-        self.process.add(f.process.clone(), n);
+        let at = match f.role {
+            records::Role::Local => f.origin.netns,
+            _ => f.service.netns,
+        };
+        self.process.add(
+            Located {
+                process: f.process.clone(),
+                netns: at,
+                container: f.container.clone(),
+            },
+            n,
+        );
         self.netns.add(f.netns.to_string(), n);
         if let Some(c) = &f.cgroup {
             self.cgroup.add(c.clone(), n);
         }
+        self.origin.add(origin_row(&f.origin), n);
+        self.service.add(service_row(f), n);
+        self.pod
+            .add(f.pod().unwrap_or("(no pod or container)").to_string(), n);
     }
 
     /// Counts known in total but not per key (in-kernel map overflow).
@@ -163,6 +288,9 @@ impl BreakdownBuilder {
         self.dst_port.add_other(n);
         self.process.add_other(n);
         self.netns.add_other(n);
+        self.origin.add_other(n);
+        self.service.add_other(n);
+        self.pod.add_other(n);
     }
 
     pub(crate) fn finish(&self, k: usize) -> Breakdown {
@@ -173,6 +301,9 @@ impl BreakdownBuilder {
             by_process: items(&self.process, k, Row::item),
             by_netns: items(&self.netns, k, Row::item),
             by_cgroup: items(&self.cgroup, k, Row::item),
+            by_origin: items(&self.origin, k, Row::item),
+            by_service: items(&self.service, k, Row::item),
+            by_pod: items(&self.pod, k, Row::item),
         }
     }
 }
@@ -189,6 +320,7 @@ pub(crate) mod tests {
             netns,
             proto,
             src: src.parse().unwrap(),
+            dst: "198.18.0.1".parse().unwrap(),
             dport,
             process: Process {
                 name: comm.into(),
@@ -197,6 +329,27 @@ pub(crate) mod tests {
             },
             container: None,
             cgroup: None,
+            origin: End {
+                addr: src.parse().unwrap(),
+                port: 40000,
+                backend: None,
+                netns: None,
+                process: None,
+                container: None,
+            },
+            service: End {
+                addr: "198.18.0.1".parse().unwrap(),
+                port: dport,
+                backend: None,
+                netns: Some(netns),
+                process: Some(Process {
+                    name: comm.into(),
+                    pid: Some(pid),
+                    role: Some("listener"),
+                }),
+                container: None,
+            },
+            forwarded: false,
         }
     }
 

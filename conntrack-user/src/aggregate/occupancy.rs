@@ -1,16 +1,16 @@
 //! Who holds the table's slots: entries from before attach (seeded from one
-//! ctnetlink dump per netns) plus the kernel's live per-key occupancy.
+//! ctnetlink dump per netns) plus the kernel's live per-key occupancy; in
+//! tracepoint mode, ctnetlink dumps paced to a CPU budget.
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
+    time::{Duration, Instant},
 };
-
-use conntrack_ebpf::AggKey;
 
 use crate::{
     source::ctnetlink::{self, CtEntry},
-    source::maps::{counts_since, KernelSource, SourceError},
-    source::netns::{self, NetnsInfo},
+    source::maps::{KernelSource, SourceError},
+    source::netns::NetnsInfo,
     source::records::{self, AggRecord, FlowId, Kind, Role},
 };
 
@@ -20,6 +20,7 @@ use crate::{
 pub struct SeedKey {
     pub netns: u32,
     pub src: IpAddr,
+    pub dst: IpAddr,
     pub proto: u8,
     pub dport: u16,
 }
@@ -29,72 +30,99 @@ impl SeedKey {
         SeedKey {
             netns: r.netns,
             src: r.src,
+            dst: r.dst,
             proto: r.proto,
             dport: r.dport,
         }
     }
 }
 
+/// Entries under one key, and the source port of one of them (to find the
+/// socket of the flow's origin).
+#[derive(Debug, Default, Clone, Copy)]
+struct Held1 {
+    n: u64,
+    sport: u16,
+}
+
+/// Where a destination is translated to, learned from entries whose reply
+/// tuple answers from elsewhere: (netns, proto, address, port) before NAT
+/// to (address, port) after.
+pub(crate) type NatSeen = HashMap<(u32, u8, IpAddr, u16), (IpAddr, u16)>;
+
+/// Translations remembered per dump: services, not flows, so a few.
+const NAT_PER_DUMP: usize = 4096;
+
 /// Entries held before attach, minus those freed since.
 #[derive(Debug, Default, Clone)]
 pub struct Seed {
-    counts: HashMap<SeedKey, u64>,
+    counts: HashMap<SeedKey, Held1>,
+    pub(crate) nat: NatSeen,
 }
 
 impl Seed {
     /// Counts one dumped entry, unless the kernel already tracks it
     /// because it was created after attach.
     pub(crate) fn fold(&mut self, netns: u32, e: &CtEntry, exclude: &HashSet<FlowId>) {
-        if exclude.contains(&FlowId::of_entry(netns, e)) {
+        if (e.reply_src, e.reply_sport) != (e.dst, e.dport) && self.nat.len() < NAT_PER_DUMP {
+            self.nat.insert(
+                (netns, e.proto, e.dst, e.dport),
+                (e.reply_src, e.reply_sport),
+            );
+        }
+        if !exclude.is_empty() && exclude.contains(&FlowId::of_entry(netns, e)) {
             return;
         }
-        *self
+        let h = self
             .counts
             .entry(SeedKey {
                 netns,
                 src: e.src,
+                dst: e.dst,
                 proto: e.proto,
                 dport: e.dport,
             })
-            .or_default() += 1;
+            .or_default();
+        h.n += 1;
+        h.sport = e.sport;
     }
 
     /// Counts every entry of these namespaces from one ctnetlink dump each,
     /// folded as the datagrams arrive (no dump is ever held whole), leaving
-    /// out the flows in `exclude`. A namespace that cannot be dumped (it
-    /// vanished, or conntrack is not loaded there) becomes a note.
-    pub fn count(scope: &[NetnsInfo], exclude: &HashSet<FlowId>, notes: &mut Vec<String>) -> Self {
-        let exclude = std::sync::Arc::new(exclude.clone());
+    /// out the flows in `exclude`; and the CPU time the dumps took. A
+    /// namespace that cannot be dumped (it vanished, or conntrack is not
+    /// loaded there) becomes a note.
+    pub fn count(
+        scope: &[NetnsInfo],
+        exclude: &HashSet<FlowId>,
+        notes: &mut Vec<String>,
+    ) -> (Self, Duration) {
         let mut seed = Seed::default();
+        let mut cpu = Duration::ZERO;
         for ns in scope {
             let inum = ns.inum;
-            let exclude = exclude.clone();
-            let counted = netns::run_in(ns, move || {
-                let mut part = Seed::default();
-                ctnetlink::for_each(|e| part.fold(inum, &e, &exclude)).map(|()| part)
-            });
-            match counted {
-                Ok(Ok(part)) => seed.counts.extend(part.counts),
-                Ok(Err(e)) => notes.push(format!("netns {inum}: no ctnetlink dump: {e}")),
-                Err(e) => notes.push(format!("netns {inum}: {e}")),
+            match ctnetlink::for_each_in(ns, |e| seed.fold(inum, e, exclude)) {
+                Ok(spent) => cpu += spent,
+                Err(e) => notes.push(format!("netns {inum}: no ctnetlink dump: {e}")),
             }
         }
-        seed
+        (seed, cpu)
     }
 
     /// Subtracts frees of pre-existing entries reported by the kernel.
     pub fn apply_frees(&mut self, frees: impl IntoIterator<Item = (SeedKey, u64)>) {
         for (k, n) in frees {
             if let Some(c) = self.counts.get_mut(&k) {
-                *c = c.saturating_sub(n);
+                c.n = c.n.saturating_sub(n);
             }
         }
-        self.counts.retain(|_, c| *c > 0);
+        self.counts.retain(|_, c| c.n > 0);
     }
 
-    /// What remains, as records without hook context.
-    pub fn records(&self) -> impl Iterator<Item = (AggRecord, u64)> + '_ {
-        self.counts.iter().map(|(k, n)| {
+    /// What remains, as records without hook context: each with its count
+    /// and the source port of one of its entries.
+    pub fn records(&self) -> impl Iterator<Item = (AggRecord, u64, u16)> + '_ {
+        self.counts.iter().map(|(k, h)| {
             (
                 AggRecord {
                     kind: Kind::New,
@@ -102,13 +130,15 @@ impl Seed {
                     netns: k.netns,
                     proto: k.proto,
                     src: k.src,
+                    dst: k.dst,
                     dport: k.dport,
                     tgid: 0,
                     comm: String::new(),
                     cgroup_id: 0,
                     sock_ino: 0,
                 },
-                *n,
+                h.n,
+                h.sport,
             )
         })
     }
@@ -121,29 +151,16 @@ impl Seed {
 #[derive(Debug, Default)]
 pub struct Held {
     seed: Seed,
-    /// Counts when seed frees were last applied.
-    frees_applied: HashMap<AggKey, u64>,
 }
 
 impl Held {
     /// Call right after attach: counts the namespaces in scope, leaving out
     /// entries the kernel already tracks because they were created since.
-    pub fn seed(
-        source: &KernelSource,
-        scope: &[NetnsInfo],
-        notes: &mut Vec<String>,
-    ) -> Result<Self, SourceError> {
+    pub fn seed(source: &KernelSource, scope: &[NetnsInfo], notes: &mut Vec<String>) -> Self {
         let known = source.live_flows();
-        Self::from_seed(source, Seed::count(scope, &known, notes))
-    }
-
-    /// For callers that counted on another thread (`Seed::count` with
-    /// `source.live_flows()` as the exclusion).
-    pub fn from_seed(source: &KernelSource, seed: Seed) -> Result<Self, SourceError> {
-        Ok(Held {
-            seed,
-            frees_applied: source.counts()?,
-        })
+        Held {
+            seed: Seed::count(scope, &known, notes).0,
+        }
     }
 
     /// Every key held now with its count, after applying the frees of
@@ -151,32 +168,84 @@ impl Held {
     pub fn now(
         &mut self,
         source: &KernelSource,
-        counts_now: &HashMap<AggKey, u64>,
-    ) -> Result<Vec<(AggRecord, u64)>, SourceError> {
-        let frees = counts_since(counts_now, &self.frees_applied)
-            .into_iter()
-            .filter(|(k, _)| k.kind == conntrack_ebpf::kind::SEED_FREE)
-            .filter_map(|(k, n)| Some((SeedKey::of_record(&records::decode_key(&k).ok()?), n)));
-        self.seed.apply_frees(frees);
-        self.frees_applied = counts_now.clone();
+        seed_frees: impl IntoIterator<Item = (AggRecord, u64)>,
+    ) -> Result<Vec<(AggRecord, u64, u16)>, SourceError> {
+        self.seed.apply_frees(
+            seed_frees
+                .into_iter()
+                .map(|(r, n)| (SeedKey::of_record(&r), n)),
+        );
         let live = source.occupancy()?;
         Ok(self
             .seed
             .records()
-            .chain(
-                live.into_iter().filter_map(|(k, n)| {
-                    Some((records::decode_key(&k).ok()?, u64::try_from(n).ok()?))
-                }),
-            )
+            .chain(live.into_iter().filter_map(|(k, n)| {
+                Some((records::decode_key(&k).ok()?, u64::try_from(n).ok()?, 0))
+            }))
             .collect())
+    }
+
+    /// Translations seen in the seed dump.
+    pub(crate) fn nat(&self) -> &NatSeen {
+        &self.seed.nat
     }
 }
 
-/// Entries held per key now, from one dump per namespace (tracepoint mode).
-pub fn count_now(scope: &[NetnsInfo], notes: &mut Vec<String>) -> Vec<(AggRecord, u64)> {
-    Seed::count(scope, &HashSet::new(), notes)
-        .records()
-        .collect()
+/// Entries held per key now, from one dump per namespace (tracepoint
+/// mode), the translations seen on the way, and the dumps' CPU time.
+pub fn count_now(
+    scope: &[NetnsInfo],
+    notes: &mut Vec<String>,
+) -> (Vec<(AggRecord, u64, u16)>, NatSeen, Duration) {
+    let (seed, cpu) = Seed::count(scope, &HashSet::new(), notes);
+    (seed.records().collect(), seed.nat, cpu)
+}
+
+/// The share of one core that tracepoint-mode dumps may take on average.
+/// A dump costs in proportion to the table, not to its churn: about 1.2 µs
+/// of CPU per entry here, four fifths of it the kernel's walk. 1 M entries
+/// then refresh about once a minute, so no one-minute window holds much
+/// more than one dump (2 % of a core) and `serve` or `top` stay well under
+/// 5 % with their own work; a table of a few thousand entries still
+/// refreshes at every allowed period. docs/occupancy.md has the figures.
+pub(crate) const DUMP_BUDGET: f64 = 0.02;
+
+/// When the next round of dumps may start: each round waits its
+/// predecessor's CPU time divided by [`DUMP_BUDGET`] after that one began,
+/// and never less than the period the command asked for.
+#[derive(Debug)]
+pub(crate) struct Pacer {
+    period: Duration,
+    spacing: Duration,
+    last: Option<Instant>,
+}
+
+impl Pacer {
+    pub(crate) fn new(period: Duration) -> Self {
+        Pacer {
+            period,
+            spacing: period,
+            last: None,
+        }
+    }
+
+    pub(crate) fn due(&self) -> bool {
+        self.last.is_none_or(|t| t.elapsed() >= self.spacing)
+    }
+
+    pub(crate) fn started(&mut self) {
+        self.last = Some(Instant::now());
+    }
+
+    /// The round that began last took `cpu`.
+    pub(crate) fn finished(&mut self, cpu: Duration) {
+        self.spacing = self.period.max(cpu.div_f64(DUMP_BUDGET));
+    }
+
+    /// How far apart rounds start now.
+    pub(crate) fn spacing(&self) -> Duration {
+        self.spacing
+    }
 }
 
 #[cfg(test)]
@@ -195,7 +264,7 @@ mod tests {
             reply_dst: src.parse().unwrap(),
             reply_sport: dport,
             reply_dport: sport,
-            tcp_state: Some("ESTABLISHED".into()),
+            tcp_state: Some(crate::source::ctnetlink::TcpState(3)),
             status: 0,
             assured: true,
             timeout: Some(100),
@@ -204,7 +273,7 @@ mod tests {
     }
 
     fn total(s: &Seed) -> u64 {
-        s.records().map(|(_, n)| n).sum()
+        s.records().map(|(_, n, _)| n).sum()
     }
 
     #[test]
@@ -220,12 +289,28 @@ mod tests {
             seed.fold(7, e, &known);
         }
         assert_eq!(total(&seed), 2);
-        let (rec, n) = seed.records().next().unwrap();
+        let (rec, n, sport) = seed.records().next().unwrap();
         assert_eq!(
             (rec.src.to_string(), rec.dport, n),
             ("198.18.0.2".into(), 7400, 2)
         );
         assert_eq!(rec.role, Role::Unknown);
+        assert!(sport == 40000 || sport == 40001, "{sport}");
+        assert!(seed.nat.is_empty(), "no entry here was translated");
+    }
+
+    #[test]
+    fn translated_entries_teach_the_backend() {
+        let mut e = entry("198.18.0.2", 40000, 8080);
+        e.reply_src = "198.18.1.9".parse().unwrap();
+        e.reply_sport = 80;
+        let mut seed = Seed::default();
+        seed.fold(7, &e, &HashSet::new());
+        let pre = (7, 6, "198.18.0.1".parse().unwrap(), 8080);
+        assert_eq!(
+            seed.nat.get(&pre),
+            Some(&("198.18.1.9".parse().unwrap(), 80))
+        );
     }
 
     #[test]
@@ -238,6 +323,7 @@ mod tests {
         let key = SeedKey {
             netns: 7,
             src: "198.18.0.2".parse().unwrap(),
+            dst: "198.18.0.1".parse().unwrap(),
             proto: 6,
             dport: 7400,
         };

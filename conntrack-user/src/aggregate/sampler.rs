@@ -8,17 +8,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use conntrack_ebpf::{stat, AggKey};
+use conntrack_ebpf::{stat, AggKey, AggValue};
 
 use super::{
-    occupancy::{self, Held},
+    occupancy::{self, NatSeen},
     reconcile::{self, NetnsRow, NetnsSnapshot},
 };
 use crate::{
     names::resolver::Flow,
     session::{Session, SessionError},
     source::{
-        maps::{counts_since, KernelStats},
+        maps::{Drained, KernelStats},
         netns::NetnsInfo,
         records::{self, AggRecord, Kind},
     },
@@ -32,8 +32,10 @@ pub(crate) enum Dumps {
     Never,
     /// One dump per sample, before it returns.
     EachSample,
-    /// At most one per period, on a thread of its own; a sample carries
-    /// the latest finished one, stamped with when it began.
+    /// On a thread of its own, at most one round per period, and further
+    /// apart as tables grow, so that the dumps stay under
+    /// [`occupancy::DUMP_BUDGET`] of a core; a sample carries the latest
+    /// finished round, stamped with when it began.
     Background(Duration),
 }
 
@@ -45,6 +47,79 @@ pub(crate) struct Count {
     pub(crate) fresh: u64,
 }
 
+/// Distinct keys the ledger keeps; counts of keys past it are only in the
+/// kernel's totals, and so under "other".
+const LEDGER_KEYS: usize = 65536;
+
+/// One key's counts in the ledger.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counted {
+    /// Drained: final.
+    settled: u64,
+    /// `settled` plus what the map just left holds, at the last sample.
+    shown: u64,
+    sport: u16,
+}
+
+/// One key at one sample.
+#[derive(Debug, Clone, Copy)]
+struct Tallied {
+    total: u64,
+    fresh: u64,
+    sport: u16,
+}
+
+/// Per-key counts since the sampler started, from the kernel's drained
+/// count maps: the kernel keeps one refresh of keys, the ledger the rest.
+#[derive(Debug, Default)]
+struct Ledger {
+    keys: HashMap<AggKey, Counted>,
+}
+
+impl Ledger {
+    /// Folds one drain in; every key with its total and its growth since
+    /// the previous sample.
+    fn update(&mut self, d: Drained) -> Vec<(AggKey, Tallied)> {
+        let mut pending: HashMap<AggKey, AggValue> = HashMap::new();
+        for (k, v) in d.pending {
+            pending.insert(k, v);
+        }
+        for (k, v) in d.settled {
+            if let Some(c) = self.entry(k) {
+                c.settled += v.count;
+                c.sport = v.sport;
+            }
+        }
+        for (k, v) in &pending {
+            if let Some(c) = self.entry(*k) {
+                c.sport = v.sport;
+            }
+        }
+        let mut out = Vec::with_capacity(self.keys.len());
+        for (k, c) in self.keys.iter_mut() {
+            let total = c.settled + pending.get(k).map_or(0, |v| v.count);
+            let fresh = total.saturating_sub(c.shown);
+            c.shown = total;
+            out.push((
+                *k,
+                Tallied {
+                    total,
+                    fresh,
+                    sport: c.sport,
+                },
+            ));
+        }
+        out
+    }
+
+    fn entry(&mut self, k: AggKey) -> Option<&mut Counted> {
+        if self.keys.len() >= LEDGER_KEYS && !self.keys.contains_key(&k) {
+            return None;
+        }
+        Some(self.keys.entry(k).or_default())
+    }
+}
+
 /// Who holds the table's slots at one instant.
 #[derive(Debug, Clone)]
 pub(crate) struct Occupancy {
@@ -52,6 +127,8 @@ pub(crate) struct Occupancy {
     pub(crate) at: Duration,
     /// How the counts were taken.
     pub(crate) source: &'static str,
+    /// Background dumps: how far apart they start now.
+    pub(crate) every: Option<Duration>,
     pub(crate) entries: Vec<(Flow, u64)>,
 }
 
@@ -120,24 +197,32 @@ impl Sample {
     }
 }
 
-/// A dump running on its own thread: (when it began, its counts, notes).
-type Pending = mpsc::Receiver<(Duration, Vec<(AggRecord, u64)>, Vec<String>)>;
+/// A dump running on its own thread: (when it began, its counts, notes,
+/// its CPU time).
+type Pending = mpsc::Receiver<(Duration, HeldNow, NatSeen, Vec<String>, Duration)>;
+
+/// Entries held per key (with a source port of one of them), as read.
+type HeldNow = Vec<(AggRecord, u64, u16)>;
+
+/// Occupancy before naming: when it was read, how, how far apart
+/// background dumps start, and the counts.
+type HeldRead = (Duration, &'static str, Option<Duration>, HeldNow);
 
 pub(crate) struct Sampler {
     t0: Instant,
     dumps: Dumps,
     stats_start: KernelStats,
-    counts_start: HashMap<AggKey, u64>,
-    counts_prev: HashMap<AggKey, u64>,
+    spill_start: HashMap<(u32, u8), u64>,
+    ledger: Ledger,
     counters_start: HashMap<u32, NetnsSnapshot>,
     /// Namespaces of the previous sample, to report a vanished one once.
     shown: BTreeMap<u32, NetnsSnapshot>,
     /// Kernel-probe modes: entries from before attach plus the kernel's.
-    held: Option<Held>,
+    held: Option<occupancy::Held>,
     /// Tracepoint mode: the latest finished dump and the running one.
-    dumped: Option<(Duration, Vec<(AggRecord, u64)>)>,
+    dumped: Option<(Duration, HeldNow)>,
     pending: Option<Pending>,
-    last_dump: Option<Instant>,
+    pacer: occupancy::Pacer,
     /// Problems met before the first sample (the seed dump's).
     carried: Vec<String>,
 }
@@ -148,23 +233,29 @@ impl Sampler {
     pub(crate) fn start(session: &mut Session, dumps: Dumps) -> Result<Self, SessionError> {
         let mut carried = Vec::new();
         let scope = session.scope.namespaces()?;
-        let (stats_start, counts_start, held) = match session.probes() {
+        let (stats_start, spill_start, held) = match session.probes_mut() {
             Some(p) => {
+                p.source.reset()?;
                 let held = match (p.loaded.mode.sees_entries(), dumps) {
                     (false, _) | (true, Dumps::Never) => None,
-                    (true, _) => Some(Held::seed(&p.source, &scope, &mut carried)?),
+                    (true, _) => Some(occupancy::Held::seed(&p.source, &scope, &mut carried)),
                 };
-                (p.source.stats()?, p.source.counts()?, held)
+                (p.source.stats()?, p.source.spilled()?, held)
             }
             None => Default::default(),
         };
+        if let Some(h) = &held {
+            for (k, b) in h.nat() {
+                session.names.learn_nat(*k, *b);
+            }
+        }
         let counters_start = reconcile::snapshot(&scope);
         Ok(Self {
             t0: Instant::now(),
             dumps,
             stats_start,
-            counts_prev: counts_start.clone(),
-            counts_start,
+            spill_start,
+            ledger: Ledger::default(),
             shown: counters_start
                 .iter()
                 .map(|(k, v)| (*k, v.clone()))
@@ -173,7 +264,10 @@ impl Sampler {
             held,
             dumped: None,
             pending: None,
-            last_dump: None,
+            pacer: occupancy::Pacer::new(match dumps {
+                Dumps::Background(period) => period,
+                Dumps::Never | Dumps::EachSample => Duration::ZERO,
+            }),
             carried,
         })
     }
@@ -189,41 +283,65 @@ impl Sampler {
         });
         let counters = reconcile::snapshot(&scope);
 
-        let (stats, counts_now) = match session.probes() {
+        let (stats, drained, spilled) = match session.probes_mut() {
             Some(p) => (
                 p.source.stats()?.since(&self.stats_start),
-                p.source.counts()?,
+                p.source.drain()?,
+                p.source.spilled()?,
             ),
             None => Default::default(),
         };
         let malformed = session.probes().map_or(0, |p| p.source.malformed);
-        let since_start = counts_since(&counts_now, &self.counts_start);
-        let since_prev = counts_since(&counts_now, &self.counts_prev);
+        let counts = self.ledger.update(drained);
+
+        let mut keyed_drops = 0;
+        let mut seed_frees = Vec::new();
+        let mut keyed = Vec::with_capacity(counts.len());
+        for (key, c) in counts {
+            let Ok(rec) = records::decode_key(&key) else {
+                continue;
+            };
+            match rec.kind {
+                Kind::Drop => keyed_drops += c.total,
+                Kind::SeedFree => {
+                    seed_frees.push((rec, c.fresh));
+                    continue;
+                }
+                _ => {}
+            }
+            if session.scope.contains(rec.netns) {
+                keyed.push((rec, c));
+            }
+        }
+        // Read (and learn the translations it shows) before anything is
+        // named, so victims are named after NAT too.
+        let held = self
+            .occupancy(session, &scope, &counters, seed_frees, &mut problems)?
+            .map(|(at, source, every, records)| Occupancy {
+                at,
+                source,
+                every,
+                entries: records
+                    .into_iter()
+                    .filter(|(r, _, _)| session.scope.contains(r.netns))
+                    .map(|(r, n, sport)| (session.names.flow(&r, sport), n))
+                    .collect(),
+            });
 
         let mut victims = Vec::new();
         let mut created = Vec::new();
         let mut evicted = Vec::new();
         let mut clashed = Vec::new();
-        let mut keyed_drops = 0;
         let mut seen: HashMap<u32, u64> = HashMap::new();
         let mut made: HashMap<u32, u64> = HashMap::new();
-        for (key, total) in &since_start {
-            let Ok(rec) = records::decode_key(key) else {
-                continue;
-            };
-            if rec.kind == Kind::Drop {
-                keyed_drops += total;
-            }
-            if !session.scope.contains(rec.netns) {
-                continue;
-            }
+        for (rec, c) in keyed {
             let target = match rec.kind {
                 Kind::Drop => {
-                    *seen.entry(rec.netns).or_default() += total;
+                    *seen.entry(rec.netns).or_default() += c.total;
                     &mut victims
                 }
                 Kind::New => {
-                    *made.entry(rec.netns).or_default() += total;
+                    *made.entry(rec.netns).or_default() += c.total;
                     &mut created
                 }
                 Kind::Evict => &mut evicted,
@@ -231,22 +349,36 @@ impl Sampler {
                 Kind::SeedFree => continue,
             };
             target.push(Count {
-                flow: session.names.flow(&rec),
-                total: *total,
-                fresh: since_prev.get(key).copied().unwrap_or(0),
+                flow: session.names.flow(&rec, c.sport),
+                total: c.total,
+                fresh: c.fresh,
             });
         }
-        // Drops the kernel counted but could not key belong to no
-        // namespace: "other", unless the scope is narrowed and they may
-        // well be someone else's.
+        // Counts past the in-kernel key budget are known per namespace: its
+        // totals stay exact, and they are "other" in every breakdown.
+        let mut spilled_drops = 0;
+        for ((inum, kind), n) in &spilled {
+            let n = n.saturating_sub(self.spill_start.get(&(*inum, *kind)).copied().unwrap_or(0));
+            if n == 0 || !session.scope.contains(*inum) {
+                continue;
+            }
+            match records::kind_of(*kind) {
+                Ok(Kind::Drop) => {
+                    *seen.entry(*inum).or_default() += n;
+                    spilled_drops += n;
+                }
+                Ok(Kind::New) => *made.entry(*inum).or_default() += n,
+                _ => {}
+            }
+        }
+        // Drops the kernel counted but could not key (unreadable, or keyed
+        // past the ledger's budget) belong to no namespace: "other", unless
+        // the scope is narrowed and they may well be someone else's.
         let unattributed = if session.scope.is_narrowed() {
-            0
+            spilled_drops
         } else {
             stats.get(stat::MATCHED).saturating_sub(keyed_drops)
         };
-
-        let held = self.occupancy(session, &scope, &counters, &counts_now, &mut problems)?;
-        self.counts_prev = counts_now;
 
         let sees_entries = session.sees_entries();
         let mut netns = Vec::new();
@@ -298,28 +430,25 @@ impl Sampler {
         })
     }
 
+    /// Who holds the slots now, unnamed, with when it was read (and how far
+    /// apart background dumps start). Learns the translations the dumps
+    /// show on the way, so everything named after it sees them.
     fn occupancy(
         &mut self,
         session: &mut Session,
         scope: &[NetnsInfo],
         counters: &HashMap<u32, NetnsSnapshot>,
-        counts_now: &HashMap<AggKey, u64>,
+        seed_frees: Vec<(AggRecord, u64)>,
         problems: &mut Vec<String>,
-    ) -> Result<Option<Occupancy>, SessionError> {
-        let named = |session: &mut Session, records: Vec<(AggRecord, u64)>| -> Vec<(Flow, u64)> {
-            records
-                .into_iter()
-                .filter(|(r, _)| session.scope.contains(r.netns))
-                .map(|(r, n)| (session.names.flow(&r), n))
-                .collect()
-        };
+    ) -> Result<Option<HeldRead>, SessionError> {
         if let (Some(held), Some(p)) = (self.held.as_mut(), session.probes()) {
-            let records = held.now(&p.source, counts_now)?;
-            return Ok(Some(Occupancy {
-                at: self.t0.elapsed(),
-                source: "ctnetlink seed + kernel",
-                entries: named(session, records),
-            }));
+            let records = held.now(&p.source, seed_frees)?;
+            return Ok(Some((
+                self.t0.elapsed(),
+                "ctnetlink seed + kernel",
+                None,
+                records,
+            )));
         }
         if session.sees_entries() {
             return Ok(None);
@@ -336,46 +465,112 @@ impl Sampler {
             })
             .cloned()
             .collect();
+        let mut learned = None;
         match self.dumps {
             Dumps::Never => return Ok(None),
             Dumps::EachSample => {
                 let at = self.t0.elapsed();
-                let records = occupancy::count_now(&busy, problems);
+                let (records, nat, _) = occupancy::count_now(&busy, problems);
                 self.dumped = Some((at, records));
+                learned = Some(nat);
             }
-            Dumps::Background(every) => {
+            Dumps::Background(_) => {
                 if let Some(rx) = &self.pending {
                     match rx.try_recv() {
-                        Ok((at, records, notes)) => {
+                        Ok((at, records, nat, notes, cpu)) => {
                             self.dumped = Some((at, records));
+                            learned = Some(nat);
                             problems.extend(notes);
+                            self.pacer.finished(cpu);
                             self.pending = None;
                         }
                         Err(mpsc::TryRecvError::Empty) => {}
                         Err(mpsc::TryRecvError::Disconnected) => self.pending = None,
                     }
                 }
-                if self.pending.is_none() && self.last_dump.is_none_or(|t| t.elapsed() >= every) {
-                    self.last_dump = Some(Instant::now());
+                if self.pending.is_none() && self.pacer.due() {
+                    self.pacer.started();
                     let (tx, rx) = mpsc::channel();
                     let at = self.t0.elapsed();
                     std::thread::spawn(move || {
                         let mut notes = Vec::new();
-                        let records = occupancy::count_now(&busy, &mut notes);
-                        let _ = tx.send((at, records, notes));
+                        let (records, nat, cpu) = occupancy::count_now(&busy, &mut notes);
+                        let _ = tx.send((at, records, nat, notes, cpu));
                     });
                     self.pending = Some(rx);
                 }
             }
         }
-        let Some((at, records)) = &self.dumped else {
-            return Ok(None);
-        };
-        let (at, records) = (*at, records.clone());
-        Ok(Some(Occupancy {
-            at,
-            source: "ctnetlink",
-            entries: named(session, records),
-        }))
+        for (k, b) in learned.into_iter().flatten() {
+            session.names.learn_nat(k, b);
+        }
+        let every = matches!(self.dumps, Dumps::Background(_)).then(|| self.pacer.spacing());
+        Ok(self
+            .dumped
+            .as_ref()
+            .map(|(at, records)| (*at, "ctnetlink", every, records.clone())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(netns: u32) -> AggKey {
+        AggKey {
+            netns,
+            ..Default::default()
+        }
+    }
+
+    fn v(count: u64, sport: u16) -> AggValue {
+        AggValue {
+            count,
+            sport,
+            _pad: [0; 6],
+        }
+    }
+
+    fn get(t: &[(AggKey, Tallied)], netns: u32) -> Tallied {
+        t.iter().find(|(k, _)| k.netns == netns).unwrap().1
+    }
+
+    #[test]
+    fn pending_counts_show_now_and_settle_once() {
+        let mut l = Ledger::default();
+        // The map just left holds 5; nothing settled yet.
+        let t = l.update(Drained {
+            settled: vec![],
+            pending: vec![(key(1), v(5, 4000))],
+        });
+        let a = get(&t, 1);
+        assert_eq!((a.total, a.fresh, a.sport), (5, 5, 4000));
+        // Next refresh drains it with 2 late arrivals; 1 more is pending.
+        let t = l.update(Drained {
+            settled: vec![(key(1), v(7, 4001))],
+            pending: vec![(key(1), v(1, 4002))],
+        });
+        let b = get(&t, 1);
+        assert_eq!((b.total, b.fresh), (8, 3), "never counted twice");
+        // The pending 1 is drained next: shown already, so nothing fresh.
+        let t = l.update(Drained {
+            settled: vec![(key(1), v(1, 4002))],
+            pending: vec![],
+        });
+        let c = get(&t, 1);
+        assert_eq!((c.total, c.fresh), (8, 0));
+    }
+
+    #[test]
+    fn the_ledger_is_bounded() {
+        let mut l = Ledger::default();
+        let settled = (0..LEDGER_KEYS as u32 + 10)
+            .map(|i| (key(i), v(1, 0)))
+            .collect();
+        let t = l.update(Drained {
+            settled,
+            pending: vec![],
+        });
+        assert_eq!(t.len(), LEDGER_KEYS);
     }
 }

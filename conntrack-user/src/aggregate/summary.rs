@@ -3,12 +3,13 @@
 //! /proc/net/nf_conntrack tell an on-call engineer, without either (the
 //! procfs table is often compiled out) and without eBPF.
 //!
-//! Each dump is summarised in one pass: counters indexed by protocol and
-//! state, and maps keyed by copyable values (address, protocol and port),
-//! so the pass allocates per distinct key, never per entry. Display
-//! strings are built only for the rows that are printed.
+//! Each dump is summarised as it streams in: counters indexed by protocol
+//! and state, and maps keyed by copyable values (address, protocol and
+//! port), so the pass allocates per distinct key, never per entry, and no
+//! entry outlives its datagram. Display strings are built only for the
+//! rows that are printed.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     fs, io,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -22,7 +23,7 @@ use crate::{
         topk::TopK,
     },
     source::counters::{self, CountersError},
-    source::ctnetlink::{self, CtEntry, CtnetlinkError},
+    source::ctnetlink::{self, CtEntry, CtnetlinkError, TcpState},
     source::netns::{self, NetnsError, NetnsInfo},
     source::records::{self, Role},
 };
@@ -224,7 +225,10 @@ pub struct Summary {
     pub ipv6: u64,
     /// Indexed by IP protocol number.
     pub by_l4: Box<[u64; 256]>,
+    /// Named from `states` once the dump is in.
     pub tcp_states: BTreeMap<String, u64>,
+    /// Indexed by the kernel's TCP state number.
+    states: Box<[u64; 256]>,
     pub assured: u64,
     /// Entries that never saw a reply packet.
     pub unreplied: u64,
@@ -235,56 +239,75 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// One pass over a dump.
+    /// Streams one dump of `ns` through a summary.
+    pub fn dump_in(ns: &NetnsInfo) -> Result<Self, CtnetlinkError> {
+        let mut s = Summary::new(KEY_BUDGET);
+        ctnetlink::for_each_in(ns, |e| s.add(e))?;
+        Ok(s.finish())
+    }
+
+    /// One pass over a dump held whole.
+    #[cfg(test)]
     pub fn of(entries: &[CtEntry]) -> Self {
         Self::of_with_budget(entries, KEY_BUDGET)
     }
 
+    #[cfg(test)]
     pub fn of_with_budget(entries: &[CtEntry], budget: usize) -> Self {
-        let mut s = Summary {
+        let mut s = Summary::new(budget);
+        entries.iter().for_each(|e| s.add(e));
+        s.finish()
+    }
+
+    fn new(budget: usize) -> Self {
+        Summary {
             entries: 0,
             ipv4: 0,
             ipv6: 0,
             by_l4: Box::new([0; 256]),
             tcp_states: BTreeMap::new(),
+            states: Box::new([0; 256]),
             assured: 0,
             unreplied: 0,
             udp_unreplied: 0,
             src: TopK::new(budget),
             dst_port: TopK::new(budget),
             pair: TopK::new(budget),
-        };
-        // Borrowed from the dump: a state name costs nothing per entry.
-        let mut states: HashMap<&str, u64> = HashMap::new();
-        for e in entries {
-            s.entries += 1;
-            match e.family {
-                6 => s.ipv6 += 1,
-                _ => s.ipv4 += 1,
-            }
-            s.by_l4[usize::from(e.proto)] += 1;
-            if let Some(st) = e.tcp_state.as_deref() {
-                *states.entry(st).or_default() += 1;
-            }
-            if e.assured {
-                s.assured += 1;
-            }
-            if e.status & IPS_SEEN_REPLY == 0 {
-                s.unreplied += 1;
-                if e.proto == 17 {
-                    s.udp_unreplied += 1;
-                }
-            }
-            let port = PortKey::of(e);
-            s.src.add(e.src, 1);
-            s.dst_port.add(port, 1);
-            s.pair.add((e.src, port), 1);
         }
-        s.tcp_states = states
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
+    }
+
+    fn add(&mut self, e: &CtEntry) {
+        self.entries += 1;
+        match e.family {
+            6 => self.ipv6 += 1,
+            _ => self.ipv4 += 1,
+        }
+        self.by_l4[usize::from(e.proto)] += 1;
+        if let Some(st) = e.tcp_state {
+            self.states[usize::from(st.0)] += 1;
+        }
+        if e.assured {
+            self.assured += 1;
+        }
+        if e.status & IPS_SEEN_REPLY == 0 {
+            self.unreplied += 1;
+            if e.proto == 17 {
+                self.udp_unreplied += 1;
+            }
+        }
+        let port = PortKey::of(e);
+        self.src.add(e.src, 1);
+        self.dst_port.add(port, 1);
+        self.pair.add((e.src, port), 1);
+    }
+
+    fn finish(mut self) -> Self {
+        self.tcp_states = (0..=u8::MAX)
+            .zip(self.states.iter())
+            .filter(|(_, n)| **n > 0)
+            .map(|(st, n)| (TcpState(st).to_string(), *n))
             .collect();
-        s
+        self
     }
 
     pub fn l4_count(&self, proto: u8) -> u64 {
@@ -370,7 +393,7 @@ pub struct Snapshot {
 pub struct Dumped {
     pub info: NetnsInfo,
     pub sysctl: Option<counters::Sysctl>,
-    pub entries: Vec<CtEntry>,
+    pub summary: Summary,
 }
 
 /// Dumps every namespace in `scope`. A namespace that vanishes or cannot
@@ -383,15 +406,15 @@ pub fn dump_scope(
     let mut out = Vec::new();
     let mut first_err = None;
     for ns in scope {
-        match ctnetlink::dump_in(ns) {
-            Ok(entries) => {
+        match Summary::dump_in(ns) {
+            Ok(summary) => {
                 let sysctl = counters::read_sysctl(ns)
                     .map_err(|e| notes.push(format!("netns {}: no counters: {e}", ns.inum)))
                     .ok();
                 out.push(Dumped {
                     info: ns.clone(),
                     sysctl,
-                    entries,
+                    summary,
                 });
             }
             Err(CtnetlinkError::Netns(NetnsError::Vanished { inum, .. })) => {
@@ -417,8 +440,8 @@ pub fn take(scope: &[NetnsInfo], named: bool, top: usize) -> Result<Snapshot, Sn
     let dumps = dump_scope(scope, &mut notes)?;
     let netns = dumps
         .iter()
-        .filter(|d| named || !d.entries.is_empty())
-        .map(|d| NetnsTable::new(&d.info, d.sysctl.as_ref(), &Summary::of(&d.entries), top))
+        .filter(|d| named || d.summary.entries > 0)
+        .map(|d| NetnsTable::new(&d.info, d.sysctl.as_ref(), &d.summary, top))
         .collect();
     Ok(Snapshot {
         settings,
@@ -459,7 +482,7 @@ pub(crate) mod tests {
             reply_dst: src,
             reply_sport: dport,
             reply_dport: 40000,
-            tcp_state: state.map(str::to_string),
+            tcp_state: state.map(|s| TcpState::named(s).expect("a TCP state name")),
             status,
             assured: status & (1 << 2) != 0,
             timeout: Some(30),

@@ -22,7 +22,9 @@ pub(crate) async fn run(settings: &Settings, args: &ServeArgs) -> Result<(), Err
     let addr = listener.local_addr().unwrap_or(args.listen);
     let mut session = Session::attach(settings, Streaming::NAMES)?;
     let metrics = Arc::new(Metrics::new(session.mode(), &session.release()));
-    let mut sampler = Sampler::start(&mut session, Dumps::EachSample)?;
+    // Tracepoint-mode dumps on their own thread, paced to a CPU budget:
+    // a refresh never waits for a big table.
+    let mut sampler = Sampler::start(&mut session, Dumps::Background(args.interval))?;
     // Series exist from the first scrape on.
     metrics.publish(Exported::of(&sampler.sample(&mut session)?, settings.top));
     let server = tokio::spawn(http::serve_http(listener, metrics.clone()));
@@ -32,7 +34,7 @@ pub(crate) async fn run(settings: &Settings, args: &ServeArgs) -> Result<(), Err
         args.interval.as_secs_f64()
     );
     let mut tick = tokio::time::interval(args.interval);
-    // A slow refresh (big dumps) delays the next one rather than bunching up.
+    // A slow refresh delays the next one rather than bunching up.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     let result = loop {

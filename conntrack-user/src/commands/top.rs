@@ -50,6 +50,7 @@ pub(crate) async fn run(settings: &Settings, args: &TopArgs) -> Result<(), Error
         kernel: session.release(),
         interval_s: args.interval.as_secs_f64(),
         dump_interval_s: (!sees_entries).then_some(args.dump_interval.as_secs_f64()),
+        dump_every_s: None,
         notes: Vec::new(),
     };
     let mut screen = Screen::enter()?;

@@ -11,10 +11,7 @@ use crate::{
     cli::{DoctorArgs, Settings},
     names::sockets::Sockets,
     session::{Session, Streaming},
-    source::{
-        ctnetlink,
-        netns::{self, NetnsInfo},
-    },
+    source::netns::{self, NetnsInfo},
 };
 
 /// The size of one nf_conntrack slab object: /proc/slabinfo's objsize (the
@@ -96,12 +93,22 @@ impl AddAssign for ByRole {
     }
 }
 
-/// Per-netns tally of flows by port (with the hook direction) and source.
+/// (protocol, address, port) a flow was sent to, before NAT.
+type Destination = (u8, IpAddr, u16);
+/// Where NAT sends a destination, and whether the namespace only forwards it.
+type Translated = (Option<(IpAddr, u16)>, bool);
+
+/// Per-netns tally of flows by port (with the hook direction), source,
+/// destination before NAT, and pod.
 #[derive(Debug)]
 pub(super) struct FlowTally {
     total: u64,
     pub(super) ports: TopK<PortKey, ByRole>,
     srcs: TopK<IpAddr, ByRole>,
+    services: TopK<Destination>,
+    /// What the names stage said of each destination.
+    ends: HashMap<Destination, Translated>,
+    pods: TopK<String>,
 }
 
 impl Default for FlowTally {
@@ -110,6 +117,9 @@ impl Default for FlowTally {
             total: 0,
             ports: TopK::new(summary::KEY_BUDGET),
             srcs: TopK::new(summary::KEY_BUDGET),
+            services: TopK::new(summary::KEY_BUDGET),
+            ends: HashMap::new(),
+            pods: TopK::new(summary::KEY_BUDGET),
         }
     }
 }
@@ -143,6 +153,21 @@ impl FlowTally {
                 count,
             }),
             src: lead(&self.srcs).map(|(ip, role, count)| SrcShare { ip, role, count }),
+            service: self.services.leader().map(|(k, count)| {
+                let (backend, forwarded) = self.ends.get(k).copied().unwrap_or((None, false));
+                ServiceShare {
+                    proto: k.0,
+                    addr: k.1,
+                    port: k.2,
+                    backend,
+                    forwarded,
+                    count,
+                }
+            }),
+            pod: self.pods.leader().map(|(name, count)| PodShare {
+                name: name.clone(),
+                count,
+            }),
         }
     }
 
@@ -151,6 +176,16 @@ impl FlowTally {
         for c in counts {
             let f = &c.flow;
             t.add(f.proto, f.dport, f.src, f.role, c.total);
+            if has_ports(f.proto) {
+                let k = (f.proto, f.dst, f.dport);
+                t.services.add(k, c.total);
+                if t.ends.len() < summary::KEY_BUDGET {
+                    t.ends.insert(k, (f.service.backend, f.forwarded));
+                }
+            }
+            if let Some(p) = f.pod() {
+                t.pods.add(p.to_string(), c.total);
+            }
         }
         t
     }
@@ -224,7 +259,8 @@ pub(crate) async fn measure(
     let mut session = open(settings, windowed, &mut m.notes)?;
     let named = session.scope.is_narrowed();
     let watched_by_ebpf = session.probes().is_some();
-    let mut sampler = Sampler::start(&mut session, Dumps::Never)?;
+    // The dumps teach the translations that name a forwarded flow's service.
+    let mut sampler = Sampler::start(&mut session, Dumps::Background(DUMP_EVERY))?;
     let first = sampler.sample(&mut session)?;
     let mut peaks: HashMap<u32, u64> = HashMap::new();
     let mut observe = |s: &Sample| {
@@ -355,12 +391,8 @@ fn held_and_timeouts(
     sockets: &mut Sockets,
     notes: &mut Vec<String>,
 ) {
-    match ctnetlink::dump_in(ns) {
-        Ok(entries) => {
-            let summary = Summary::of(&entries);
-            drop(entries);
-            nm.held = Some(held_of(&summary, ns.inum, sockets));
-        }
+    match Summary::dump_in(ns) {
+        Ok(summary) => nm.held = Some(held_of(&summary, ns.inum, sockets)),
         Err(e) => notes.push(format!("netns {}: no ctnetlink dump: {e}", ns.inum)),
     }
     nm.timeouts = netns::run_in(ns, summary::read_timeouts).unwrap_or_default();

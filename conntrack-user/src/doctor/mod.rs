@@ -61,6 +61,8 @@ const MAX_SUGGESTED: u64 = 1 << 30;
 /// One `struct hlist_nulls_head` per bucket on 64-bit.
 const BUCKET_BYTES: u64 = 8;
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+/// How often the watch dumps the tables, on a thread of its own.
+const DUMP_EVERY: Duration = Duration::from_secs(2);
 const NOTRACK_TABLE: &str = "ctwatch_notrack";
 
 // ---------------------------------------------------------------- inputs
@@ -139,6 +141,31 @@ pub(crate) struct Culprits {
     pub(crate) total: u64,
     pub(crate) port: Option<PortShare>,
     pub(crate) src: Option<SrcShare>,
+    /// The leading destination (before NAT), with where NAT sends it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) service: Option<ServiceShare>,
+    /// The leading pod or container (the origin's, else the destination's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) pod: Option<PodShare>,
+}
+
+/// A destination address and port, before NAT.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct ServiceShare {
+    pub(crate) proto: u8,
+    pub(crate) addr: IpAddr,
+    pub(crate) port: u16,
+    /// Where NAT sends it, when an entry of the table shows a translation.
+    pub(crate) backend: Option<(IpAddr, u16)>,
+    /// Neither end lives in this namespace: it only forwards the flows.
+    pub(crate) forwarded: bool,
+    pub(crate) count: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct PodShare {
+    pub(crate) name: String,
+    pub(crate) count: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

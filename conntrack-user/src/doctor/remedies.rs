@@ -1,7 +1,7 @@
 //! The exact commands a finding proposes: notrack rules placed on the hook
 //! where they take effect, and the sysctls to raise or lower.
 use super::*;
-use crate::source::records;
+use crate::{aggregate::breakdown::endpoint, source::records};
 
 /// Notrack rules scoped to exactly the port (or, failing that, the source)
 /// that dominates new flows, refused flows or held entries; never a
@@ -11,11 +11,19 @@ pub(crate) fn notrack_remedies(n: &NetnsMeasure) -> (Vec<String>, Vec<String>) {
         total: h.total,
         port: h.port.clone(),
         src: h.src.clone(),
+        ..Default::default()
     });
     let sets: Vec<&Culprits> = [n.new_flows.as_ref(), n.refused.as_ref(), held.as_ref()]
         .into_iter()
         .flatten()
         .collect();
+    if let Some(fwd) = sets.iter().find_map(|c| {
+        c.service
+            .as_ref()
+            .filter(|v| v.forwarded && has_ports(v.proto) && dominates(v.count, c.total))
+    }) {
+        return forwarded_remedies(n, fwd);
+    }
     let mut ports: Vec<PortShare> = Vec::new();
     for c in &sets {
         if let Some(p) = &c.port {
@@ -115,6 +123,52 @@ pub(crate) fn notrack_remedies(n: &NetnsMeasure) -> (Vec<String>, Vec<String>) {
                 .into(),
         );
     }
+    (remedies, caveats)
+}
+
+/// Forwarded flows cross this namespace (a node between pods, a router)
+/// in both directions through its prerouting hook, before NAT: the
+/// notrack rule matches the destination as it was addressed, and the
+/// replies by where they come from (the backend, after a translation).
+fn forwarded_remedies(n: &NetnsMeasure, v: &ServiceShare) -> (Vec<String>, Vec<String>) {
+    let prefix = enter_prefix(n);
+    let proto = records::proto_name(v.proto);
+    let fam = |a: IpAddr| if a.is_ipv4() { "ip" } else { "ip6" };
+    let (raddr, rport) = v.backend.unwrap_or((v.addr, v.port));
+    let rules = [
+        (
+            Hook::Pre,
+            format!("{} daddr {} {proto} dport {}", fam(v.addr), v.addr, v.port),
+        ),
+        (
+            Hook::Pre,
+            format!("{} saddr {raddr} {proto} sport {rport}", fam(raddr)),
+        ),
+    ];
+    let bin = |a: IpAddr| if a.is_ipv4() { "iptables" } else { "ip6tables" };
+    let remedies = vec![
+        nft_line(&prefix, &rules),
+        format!(
+            "{prefix}{} -t raw -A PREROUTING -p {proto} -d {} --dport {} -j CT --notrack && {prefix}{} -t raw -A PREROUTING -p {proto} -s {raddr} --sport {rport} -j CT --notrack",
+            bin(v.addr),
+            v.addr,
+            v.port,
+            bin(raddr),
+        ),
+    ];
+    let nat = match v.backend {
+        Some((a, p)) => format!(
+            "; here {} is translated to {}, and untracked packets are not translated: the service stops answering through that address, so point its clients at {} or keep tracking it and raise the table size instead",
+            endpoint(v.addr, v.port),
+            endpoint(a, p),
+            endpoint(a, p)
+        ),
+        None => String::new(),
+    };
+    let caveats = vec![format!(
+        "notrack takes {proto}/{} out of connection tracking in this namespace, which only forwards it: NAT (masquerade, DNAT, port forwarding) and stateful rules (ct state, conntrack-based policing) stop working for that traffic{nat}; run one of the nft or iptables forms, not both",
+        endpoint(v.addr, v.port)
+    )];
     (remedies, caveats)
 }
 

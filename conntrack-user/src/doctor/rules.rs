@@ -1,6 +1,7 @@
 //! The rules: a pure function from measurements to ranked findings, so
 //! every rule is tested without privileges.
 use super::*;
+use crate::{aggregate::breakdown::endpoint, source::records};
 
 /// Judges the measurements: critical findings first, then warnings, then
 /// information. With nothing wrong, exactly one info finding says so.
@@ -233,6 +234,7 @@ pub(super) fn fill_finding(m: &Measured, n: &NetnsMeasure, sev: Severity, target
                 total: h.total,
                 port: h.port.clone(),
                 src: h.src.clone(),
+                ..Default::default()
             }),
         );
     }
@@ -284,6 +286,30 @@ pub(super) fn describe_culprits(ev: &mut Vec<String>, what: &str, c: Option<&Cul
     }
     if let Some(s) = &c.src {
         parts.push(format!("{} from {}", pct(s.count, c.total), s.ip));
+    }
+    if let Some(v) = c
+        .service
+        .as_ref()
+        .filter(|v| v.forwarded || v.backend.is_some())
+    {
+        let to = v
+            .backend
+            .map(|(a, p)| format!(", translated to {}", endpoint(a, p)))
+            .unwrap_or_default();
+        parts.push(format!(
+            "{} to {}/{}{to}{}",
+            pct(v.count, c.total),
+            records::proto_name(v.proto),
+            endpoint(v.addr, v.port),
+            if v.forwarded {
+                " (forwarded through this namespace)"
+            } else {
+                ""
+            }
+        ));
+    }
+    if let Some(p) = &c.pod {
+        parts.push(format!("{} from or to {}", pct(p.count, c.total), p.name));
     }
     ev.push(format!(
         "{what}: {}{}",

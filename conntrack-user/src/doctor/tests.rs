@@ -137,6 +137,7 @@ fn dominant_port_gets_a_notrack_rule_scoped_to_it_with_the_nat_warning() {
             role: Role::Inbound,
             count: 150,
         }),
+        ..Default::default()
     });
     m.netns.push(n);
     let f = &diagnose(&m)[0];
@@ -196,6 +197,7 @@ fn locally_sent_flood_untracks_on_output_and_replies_on_prerouting() {
             count: 40,
         }),
         src: None,
+        ..Default::default()
     });
     m.netns.push(n);
     let f = &diagnose(&m)[0];
@@ -260,6 +262,7 @@ fn small_samples_do_not_dominate() {
             count: 3,
         }),
         src: None,
+        ..Default::default()
     });
     m.netns.push(n);
     let f = &diagnose(&m)[0];
@@ -461,4 +464,61 @@ fn flow_tally_picks_the_leading_port_and_its_direction() {
         .ports
         .iter()
         .any(|(k, _)| *k == PortKey { proto: 1, port: 0 }));
+}
+
+#[test]
+fn forwarded_service_is_untracked_where_it_is_forwarded_before_nat() {
+    let mut m = base();
+    m.max = 16;
+    let mut n = ns(16, 16);
+    n.full_drops_seen = Some(200);
+    n.drops_window = Some(200);
+    n.refused = Some(Culprits {
+        total: 200,
+        port: Some(PortShare {
+            proto: 17,
+            port: 8053,
+            role: Role::Inbound,
+            count: 200,
+        }),
+        service: Some(ServiceShare {
+            proto: 17,
+            addr: "198.18.10.1".parse().unwrap(),
+            port: 8053,
+            backend: Some(("198.18.20.2".parse().unwrap(), 53)),
+            forwarded: true,
+            count: 200,
+        }),
+        pod: Some(PodShare {
+            name: "pod default/dns-client".into(),
+            count: 200,
+        }),
+        ..Default::default()
+    });
+    m.netns.push(n);
+    let f = &diagnose(&m)[0];
+    let nft = f.remedies.iter().find(|r| r.contains("nft")).unwrap();
+    // Both directions cross the forwarding namespace's prerouting hook.
+    assert!(
+        nft.contains("pre ip daddr 198.18.10.1 udp dport 8053 notrack"),
+        "{nft}"
+    );
+    assert!(
+        nft.contains("pre ip saddr 198.18.20.2 udp sport 53 notrack"),
+        "{nft}"
+    );
+    assert!(!nft.contains("add rule inet ctwatch_notrack out"), "{nft}");
+    assert!(
+        f.caveats
+            .iter()
+            .any(|c| c.contains("translated to 198.18.20.2:53")),
+        "the NAT caveat: {:?}",
+        f.caveats
+    );
+    assert!(
+        f.evidence.contains("pod default/dns-client"),
+        "{}",
+        f.evidence
+    );
+    assert!(f.evidence.contains("forwarded"), "{}", f.evidence);
 }

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use aya::{
-    programs::{FEntry, FExit, KProbe, Program, RawTracePoint},
-    Btf, Ebpf, EbpfLoader,
+    programs::{KProbe, Program, RawTracePoint},
+    Ebpf, EbpfLoader,
 };
 
 use crate::{
@@ -182,25 +182,7 @@ pub fn load(req: &LoadRequest) -> Result<Loaded, LoadError> {
 
 /// Why `mode` cannot work here, found without loading anything.
 fn unavailable(mode: Mode, kbtf: &KernelBtf) -> Option<String> {
-    let functions = || {
-        compat::probes_for(mode)
-            .filter(|p| p.required && p.attach.is_function())
-            .map(|p| p.attach.target())
-    };
     match mode {
-        Mode::Fentry => {
-            for f in functions() {
-                if !kbtf.has_function(f) {
-                    return Some(format!("{f} is not in the kernel's BTF"));
-                }
-                if let Some(m) = kbtf.function_in_module(f) {
-                    return Some(format!(
-                        "{f} lives in module {m}'s BTF and aya attaches fentry only to vmlinux functions (the kprobe mode covers it)"
-                    ));
-                }
-            }
-            None
-        }
         Mode::Kprobe => {
             if !Path::new("/sys/bus/event_source/devices/kprobe").exists() {
                 return Some("the kernel has no kprobes (CONFIG_KPROBES is off)".into());
@@ -227,6 +209,21 @@ fn live_capacity(mode: Mode) -> u32 {
         .map_or(262_144, |m| m.saturating_mul(4).clamp(4096, 1 << 21) as u32)
 }
 
+/// First-of-key records per second per CPU: enough to name every owner of
+/// an ordinary incident; a flood of new keys is counted, not streamed.
+const FIRST_BUDGET: u32 = 4096;
+
+/// Keys per count map. The maps are preallocated with a value per CPU, so
+/// the size follows the CPU count: about 16 MiB per map, and never fewer
+/// keys than a refresh of an ordinary incident needs.
+fn count_capacity() -> u32 {
+    const BYTES: usize = 16 << 20;
+    let cpus = aya::util::nr_cpus().unwrap_or(1).max(1);
+    let per_key = std::mem::size_of::<conntrack_ebpf::AggValue>() * cpus
+        + std::mem::size_of::<conntrack_ebpf::AggKey>();
+    (BYTES / per_key).clamp(4096, 65536) as u32
+}
+
 fn load_mode(
     mode: Mode,
     req: &LoadRequest,
@@ -244,22 +241,20 @@ fn load_mode(
     config.reason_netfilter_drop = btf::netfilter_drop_reason(kbtf).unwrap_or(0);
     config.stream_new = req.stream_new as u32;
     config.stream_budget = req.stream_budget;
+    config.first_budget = FIRST_BUDGET;
+    let counts = count_capacity();
+    // Leaves room for keys other CPUs add before their own caps stop them.
+    config.count_cap = counts / 4 * 3;
     let mut ebpf = EbpfLoader::new()
         .override_global("CONFIG", &config, true)
         .map_max_entries("LIVE", live_capacity(mode))
+        .map_max_entries("COUNTS_A", counts)
+        .map_max_entries("COUNTS_B", counts)
         .load(OBJECT)
         .map_err(|e| classify_load_error(e, release))?;
-    let vmlinux = if mode == Mode::Fentry {
-        Some(Btf::from_sys_fs().map_err(|e| LoadError::Load {
-            release: release.to_string(),
-            detail: chain(&e),
-        })?)
-    } else {
-        None
-    };
     let mut attached = Vec::new();
     for spec in compat::probes_for(mode) {
-        match attach(&mut ebpf, spec, release, vmlinux.as_ref()) {
+        match attach(&mut ebpf, spec, release) {
             Ok(()) => attached.push(spec.program),
             Err(e) if spec.required => return Err(e),
             Err(e) => log::warn!("optional probe skipped: {e}"),
@@ -291,12 +286,7 @@ fn classify_load_error(e: aya::EbpfError, release: &str) -> LoadError {
     }
 }
 
-fn attach(
-    ebpf: &mut Ebpf,
-    spec: &ProbeSpec,
-    release: &str,
-    vmlinux: Option<&Btf>,
-) -> Result<(), LoadError> {
+fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec, release: &str) -> Result<(), LoadError> {
     let fail = |stage: &'static str, detail: String| {
         let detail = one_line(&detail);
         let old = compat::parse_release(release).is_some_and(|v| v < spec.min_kernel);
@@ -323,7 +313,6 @@ fn attach(
     let prog = ebpf
         .program_mut(spec.program)
         .ok_or_else(|| fail("load", "program missing from the eBPF object".into()))?;
-    let no_btf = || fail("load", "no vmlinux BTF for fentry".into());
     match (spec.attach, prog) {
         (Attach::RawTracepoint(tp), Program::RawTracePoint(p)) => {
             let p: &mut RawTracePoint = p;
@@ -334,18 +323,6 @@ fn attach(
             let p: &mut KProbe = p;
             p.load().map_err(|e| fail("load", chain(&e)))?;
             p.attach(f, 0).map_err(|e| fail("attach", chain(&e)))?;
-        }
-        (Attach::FEntry(f), Program::FEntry(p)) => {
-            let p: &mut FEntry = p;
-            p.load(f, vmlinux.ok_or_else(no_btf)?)
-                .map_err(|e| fail("load", chain(&e)))?;
-            p.attach().map_err(|e| fail("attach", chain(&e)))?;
-        }
-        (Attach::FExit(f), Program::FExit(p)) => {
-            let p: &mut FExit = p;
-            p.load(f, vmlinux.ok_or_else(no_btf)?)
-                .map_err(|e| fail("load", chain(&e)))?;
-            p.attach().map_err(|e| fail("attach", chain(&e)))?;
         }
         (_, _) => {
             return Err(fail(

@@ -3,6 +3,7 @@
 //! interfaces, all behind one [`resolver::Resolver`].
 pub(crate) mod cache;
 pub(crate) mod cgroups;
+pub(crate) mod endpoints;
 pub(crate) mod resolver;
 pub(crate) mod scope;
 pub(crate) mod sockets;

@@ -3,7 +3,7 @@
 //! lookup goes through the stage's one cache policy ([`super::cache`]).
 use std::net::IpAddr;
 
-use super::{cache::Cache, cgroups::Cgroups, sockets::Sockets};
+use super::{cache::Cache, cgroups::Cgroups, endpoints::Endpoints, sockets::Sockets};
 use crate::source::{
     netns::{self, NetnsInfo},
     records::{AggRecord, Kind, Role},
@@ -28,64 +28,67 @@ impl Process {
     }
 }
 
+/// One end of a flow, named as far as this host can.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct End {
+    /// Where packets came from, or were sent to (before NAT).
+    pub(crate) addr: IpAddr,
+    pub(crate) port: u16,
+    /// After NAT: where a translated destination really is.
+    pub(crate) backend: Option<(IpAddr, u16)>,
+    /// The namespace on this host that owns the address, if any does.
+    pub(crate) netns: Option<u32>,
+    /// The process holding the socket at this end (listener or sender).
+    pub(crate) process: Option<Process>,
+    /// Its container or pod.
+    pub(crate) container: Option<String>,
+}
+
+impl End {
+    /// An address of this host whose socket was not found.
+    fn unresolved(&self) -> bool {
+        self.netns.is_some() && self.process.is_none()
+    }
+}
+
+/// How long a name with an unresolved end is kept before it is looked up
+/// again.
+const RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A kernel aggregation key with its names: what every view ranks by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Flow {
     pub(crate) kind: Kind,
     pub(crate) role: Role,
+    /// The namespace whose table counted it.
     pub(crate) netns: u32,
     pub(crate) proto: u8,
     pub(crate) src: IpAddr,
+    /// Before NAT.
+    pub(crate) dst: IpAddr,
     pub(crate) dport: u16,
+    /// The sender of a locally generated flow, else the destination's
+    /// listener (the `by_process` dimension).
     pub(crate) process: Process,
-    /// The container or pod of the process (or of the cgroup the kernel
+    /// The container or pod of that process (or of the cgroup the kernel
     /// saw), when it runs in one.
     pub(crate) container: Option<String>,
     /// The cgroup the kernel saw: a container label, else the cgroup path.
     pub(crate) cgroup: Option<String>,
+    pub(crate) origin: End,
+    pub(crate) service: End,
+    /// Neither end lives in the namespace that counted it: the packets were
+    /// forwarded through it (a node between pods, a router).
+    pub(crate) forwarded: bool,
 }
 
-/// What identifies a process before it is resolved: inbound flows go to
-/// the listener of (netns, proto, port); local ones to the sending socket.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum OwnerKey {
-    Listener {
-        netns: u32,
-        proto: u8,
-        port: u16,
-    },
-    Sender {
-        sock_ino: u64,
-        tgid: u32,
-        comm: String,
-    },
-    /// No hook context (entries from before attach, or made by ctnetlink):
-    /// the listener of the port if there is one, else nobody.
-    Unknown {
-        netns: u32,
-        proto: u8,
-        port: u16,
-    },
-}
-
-impl OwnerKey {
-    fn of(rec: &AggRecord) -> Self {
-        match rec.role {
-            Role::Inbound => OwnerKey::Listener {
-                netns: rec.netns,
-                proto: rec.proto,
-                port: rec.dport,
-            },
-            Role::Local => OwnerKey::Sender {
-                sock_ino: rec.sock_ino,
-                tgid: rec.tgid,
-                comm: rec.comm.clone(),
-            },
-            Role::Unknown => OwnerKey::Unknown {
-                netns: rec.netns,
-                proto: rec.proto,
-                port: rec.dport,
-            },
+impl Flow {
+    /// The pod or container a flow belongs to: its origin's when the origin
+    /// runs on this host, else its destination's.
+    pub(crate) fn pod(&self) -> Option<&str> {
+        match &self.origin.process {
+            Some(_) => self.origin.container.as_deref(),
+            None => self.service.container.as_deref(),
         }
     }
 }
@@ -94,105 +97,190 @@ impl OwnerKey {
 pub(crate) struct Resolver {
     sockets: Sockets,
     cgroups: Cgroups,
-    /// Resolved when first seen, so a process that exits before the end of
-    /// the window is still named.
-    owners: Cache<OwnerKey, Process>,
     namespaces: Cache<u32, Option<NetnsInfo>>,
     interfaces: Cache<(u32, u32), Option<String>>,
     cgroup_names: Cache<u64, String>,
+    /// Resolved when first seen, so a process that exits before the end of
+    /// the window is still named.
     flows: Cache<AggRecord, Flow>,
+    endpoints: Endpoints,
+    /// (netns, proto, address, port) before NAT → after, from the table.
+    nat: Cache<(u32, u8, IpAddr, u16), (IpAddr, u16)>,
 }
 
 impl Resolver {
-    fn lookup(&mut self, key: &OwnerKey) -> Process {
-        let listener = |sockets: &mut Sockets, netns, proto, port| {
-            sockets.listener(netns, proto, port).map(|o| Process {
-                name: o.comm,
-                pid: Some(o.pid),
-                role: Some("listener"),
-            })
+    /// The sender of a locally generated flow. The socket's holder is right
+    /// even for retransmits sent from softirq, where `current` is whatever
+    /// was interrupted; the task the kernel saw is the fallback.
+    fn sender(&mut self, rec: &AggRecord) -> Process {
+        let holder = (rec.sock_ino != 0)
+            .then(|| self.sockets.owner(rec.sock_ino))
+            .flatten();
+        let (name, pid) = match holder {
+            Some(o) => (o.comm, Some(o.pid)),
+            None if rec.tgid != 0 => (rec.comm.clone(), Some(rec.tgid)),
+            None => ("(unknown sender)".into(), None),
         };
-        match key {
-            OwnerKey::Unknown { netns, proto, port } => {
-                listener(&mut self.sockets, *netns, *proto, *port)
-                    .unwrap_or_else(|| Process::plain("(unknown)"))
-            }
-            OwnerKey::Listener { netns, proto, port } => {
-                listener(&mut self.sockets, *netns, *proto, *port).unwrap_or(Process {
-                    name: "(no listener)".into(),
-                    pid: None,
-                    role: Some("listener"),
-                })
-            }
-            OwnerKey::Sender {
-                sock_ino,
-                tgid,
-                comm,
-            } => {
-                // The socket's holder is right even for retransmits sent from
-                // softirq, where `current` is whatever was interrupted.
-                let holder = (*sock_ino != 0)
-                    .then(|| self.sockets.owner(*sock_ino))
-                    .flatten();
-                let (name, pid) = match holder {
-                    Some(o) => (o.comm, Some(o.pid)),
-                    None if *tgid != 0 => (comm.clone(), Some(*tgid)),
-                    None => ("(unknown sender)".into(), None),
-                };
-                Process {
-                    name,
-                    pid,
-                    role: Some("sender"),
-                }
-            }
+        Process {
+            name,
+            pid,
+            role: Some("sender"),
         }
     }
 
-    /// The process behind a kernel key.
-    pub(crate) fn process(&mut self, rec: &AggRecord) -> Process {
-        let key = OwnerKey::of(rec);
-        if let Some(p) = self.owners.fresh(&key) {
-            return p.clone();
+    /// Remembers that `dst:dport` in namespace `netns` is translated to
+    /// `backend` (an entry's reply tuple says so).
+    pub(crate) fn learn_nat(
+        &mut self,
+        (netns, proto, dst, dport): (u32, u8, IpAddr, u16),
+        backend: (IpAddr, u16),
+    ) {
+        self.nat.put((netns, proto, dst, dport), backend);
+    }
+
+    fn listener_in(&mut self, netns: u32, proto: u8, port: u16) -> Option<Process> {
+        self.sockets.listener(netns, proto, port).map(|o| Process {
+            name: o.comm,
+            pid: Some(o.pid),
+            role: Some("listener"),
+        })
+    }
+
+    /// The source end: the sender of a local flow, else the socket on
+    /// `sport` in whichever namespace of this host owns the source address.
+    fn origin(&mut self, rec: &AggRecord, sport: u16, sender: Option<&Process>) -> End {
+        let mut end = End {
+            addr: rec.src,
+            port: sport,
+            backend: None,
+            netns: None,
+            process: None,
+            container: None,
+        };
+        if rec.role == Role::Local {
+            end.netns = Some(rec.netns);
+            end.process = sender.cloned();
+        } else if let Some(ns) = self.endpoints.namespace_of(rec.src) {
+            end.netns = Some(ns.inum);
+            end.process = self
+                .sockets
+                .bound(ns.inum, rec.proto, sport)
+                .map(|o| Process {
+                    name: o.comm,
+                    pid: Some(o.pid),
+                    role: Some("sender"),
+                });
         }
-        let mut p = self.lookup(&key);
-        // A process that has gone since keeps its name on the flows it
-        // caused: a later "nobody" must not erase who it was.
-        if p.pid.is_none() {
-            if let Some(old) = self.owners.stale(&key).filter(|o| o.pid.is_some()) {
-                p = old.clone();
-            }
+        end.container = end.process.as_ref().and_then(|p| self.container_of(p));
+        end
+    }
+
+    /// The destination end after NAT: the backend an existing entry names
+    /// (a dropped packet has none of its own), then the namespace that owns
+    /// it and the listener there.
+    fn service(&mut self, rec: &AggRecord) -> End {
+        let backend = self
+            .nat
+            .stale(&(rec.netns, rec.proto, rec.dst, rec.dport))
+            .copied();
+        let (addr, port) = backend.unwrap_or((rec.dst, rec.dport));
+        let ns = self.endpoints.namespace_of(addr).map(|n| n.inum);
+        // A packet to an address no namespace claims (a broadcast, an
+        // unlearned virtual IP) that arrived here is for a listener here.
+        let at = ns.or((rec.role != Role::Local && backend.is_none()).then_some(rec.netns));
+        let process = at.and_then(|n| self.listener_in(n, rec.proto, port));
+        let container = process.as_ref().and_then(|p| self.container_of(p));
+        End {
+            addr: rec.dst,
+            port: rec.dport,
+            backend,
+            netns: ns,
+            process,
+            container,
         }
-        self.owners.put(key, p.clone());
-        p
+    }
+
+    fn container_of(&mut self, p: &Process) -> Option<String> {
+        p.pid.and_then(|pid| self.cgroups.label_of_pid(pid))
     }
 
     /// Every name of a kernel key, resolved once per key and cached.
-    pub(crate) fn flow(&mut self, rec: &AggRecord) -> Flow {
+    /// `sport` is a source port the kernel saw for the key (0: none), to
+    /// find the origin's socket.
+    pub(crate) fn flow(&mut self, rec: &AggRecord, sport: u16) -> Flow {
         // The kind does not change the names: share one entry.
         let mut probe = rec.clone();
         probe.kind = Kind::New;
-        if let Some(f) = self.flows.fresh(&probe) {
+        let backend = self
+            .nat
+            .stale(&(rec.netns, rec.proto, rec.dst, rec.dport))
+            .copied();
+        // A translation learned since the key was named changes its
+        // destination: name it again. So does a socket not found yet (the
+        // socket tables are re-read at most every half second), once a
+        // while later.
+        let retry = self.flows.age(&probe).is_some_and(|a| a >= RETRY);
+        if let Some(f) = self.flows.fresh(&probe).filter(|f| {
+            f.service.backend == backend
+                && !(retry && (f.origin.unresolved() || f.service.unresolved()))
+        }) {
             return Flow {
                 kind: rec.kind,
                 ..f.clone()
             };
         }
-        let process = self.process(rec);
+        let sender = (rec.role == Role::Local).then(|| self.sender(rec));
+        let mut origin = self.origin(rec, sport, sender.as_ref());
+        // A client that has gone since keeps its name on the flows it sent.
+        if origin.process.is_none() {
+            if let Some(old) = self
+                .flows
+                .stale(&probe)
+                .filter(|o| o.origin.process.is_some())
+            {
+                origin = old.origin.clone();
+            }
+        }
+        let service = self.service(rec);
+        let mut process = match (&sender, &service.process, rec.role) {
+            (Some(s), _, _) => s.clone(),
+            (None, Some(l), _) => l.clone(),
+            (None, None, Role::Unknown) => Process::plain("(unknown)"),
+            (None, None, _) => Process {
+                name: "(no listener)".into(),
+                pid: None,
+                role: Some("listener"),
+            },
+        };
+        // A process that has gone since keeps its name on the flows it
+        // caused: a later "nobody" must not erase who it was.
+        if process.pid.is_none() {
+            if let Some(old) = self.flows.stale(&probe).filter(|o| o.process.pid.is_some()) {
+                process = old.process.clone();
+            }
+        }
         let cgroup = (rec.cgroup_id != 0).then(|| self.cgroup(rec.cgroup_id));
         let container = (rec.cgroup_id != 0)
             .then(|| self.cgroups.label_of_id(rec.cgroup_id))
             .flatten()
-            .or_else(|| process.pid.and_then(|p| self.cgroups.label_of_pid(p)));
+            .or_else(|| self.container_of(&process));
+        let forwarded = rec.role != Role::Local
+            && origin.netns != Some(rec.netns)
+            && service.netns.is_some_and(|n| n != rec.netns);
         let f = Flow {
             kind: rec.kind,
             role: rec.role,
             netns: rec.netns,
             proto: rec.proto,
             src: rec.src,
+            dst: rec.dst,
             dport: rec.dport,
             process,
             container,
             cgroup,
+            origin,
+            service,
+            forwarded,
         };
         self.flows.put(probe, f.clone());
         f

@@ -50,6 +50,8 @@ struct PortTable {
     at: Instant,
     /// Local port -> inodes of listening TCP sockets.
     tcp: HashMap<u16, Vec<u64>>,
+    /// Local port -> inodes of TCP sockets in any other state (clients).
+    tcp_bound: HashMap<u16, Vec<u64>>,
     /// Local port -> inodes of UDP sockets, unconnected ones first.
     udp: HashMap<u16, Vec<u64>>,
 }
@@ -99,24 +101,38 @@ impl Sockets {
         if proto != 6 && proto != 17 {
             return None;
         }
-        let hit = self
-            .ports
-            .get(&netns_inum)
-            .is_some_and(|t| t.lookup(proto, port).is_some());
-        if due(self.ports.get(&netns_inum).map(|t| t.at), hit) {
-            match self.scan_ports(netns_inum) {
-                Ok(table) => {
-                    self.ports.insert(netns_inum, table);
-                }
-                Err(e) => {
-                    log::debug!("no socket table for netns {netns_inum}: {e}");
-                    // Remember the failure too, so misses stay rate-limited.
-                    self.ports.insert(netns_inum, PortTable::empty());
-                }
-            }
+        self.owner_in(netns_inum, |t| t.lookup(proto, port))
+    }
+
+    /// The first live holder of the sockets `find` picks from a namespace's
+    /// table, which is re-read first when due: on a miss at most once per
+    /// [`REFRESH`], on a hit once it is older than [`MAX_AGE`].
+    fn owner_in(
+        &mut self,
+        netns_inum: u32,
+        find: impl Fn(&PortTable) -> Option<&[u64]>,
+    ) -> Option<Owner> {
+        let table = self.ports.get(&netns_inum);
+        let hit = table.is_some_and(|t| find(t).is_some());
+        if due(table.map(|t| t.at), hit) {
+            let table = self.scan_ports(netns_inum).unwrap_or_else(|e| {
+                log::debug!("no socket table for netns {netns_inum}: {e}");
+                // Remember the failure too, so misses stay rate-limited.
+                PortTable::empty()
+            });
+            self.ports.insert(netns_inum, table);
         }
-        let inodes = self.ports.get(&netns_inum)?.lookup(proto, port)?.to_vec();
+        let inodes = find(self.ports.get(&netns_inum)?)?.to_vec();
         inodes.into_iter().find_map(|ino| self.owner(ino))
+    }
+
+    /// The process holding any socket on local `port` (a client's socket:
+    /// the origin of a flow) in network namespace `netns_inum`.
+    pub fn bound(&mut self, netns_inum: u32, proto: u8, port: u16) -> Option<Owner> {
+        if (proto != 6 && proto != 17) || port == 0 {
+            return None;
+        }
+        self.owner_in(netns_inum, |t| t.lookup_bound(proto, port))
     }
 
     /// The command name of `pid`, `None` once it has exited.
@@ -190,9 +206,23 @@ impl Sockets {
         let mut table = PortTable::empty();
         for (path, text) in files {
             let mut malformed = 0;
-            let tcp = path.contains("tcp");
-            let ports = if tcp { &mut table.tcp } else { &mut table.udp };
-            parse_table(&text, tcp, ports, &mut malformed);
+            if path.contains("tcp") {
+                parse_table(
+                    &text,
+                    true,
+                    &mut table.tcp,
+                    &mut table.tcp_bound,
+                    &mut malformed,
+                );
+            } else {
+                parse_table(
+                    &text,
+                    false,
+                    &mut table.udp,
+                    &mut HashMap::new(),
+                    &mut malformed,
+                );
+            }
             // Attribution is best effort: the rest of the table still counts.
             if malformed > 0 {
                 log::warn!(
@@ -209,12 +239,23 @@ impl PortTable {
         PortTable {
             at: Instant::now(),
             tcp: HashMap::new(),
+            tcp_bound: HashMap::new(),
             udp: HashMap::new(),
         }
     }
 
     fn lookup(&self, proto: u8, port: u16) -> Option<&[u64]> {
         let map = if proto == 6 { &self.tcp } else { &self.udp };
+        map.get(&port).map(Vec::as_slice)
+    }
+
+    /// Any socket on local `port`: the other end of a client's flow.
+    fn lookup_bound(&self, proto: u8, port: u16) -> Option<&[u64]> {
+        let map = if proto == 6 {
+            &self.tcp_bound
+        } else {
+            &self.udp
+        };
         map.get(&port).map(Vec::as_slice)
     }
 }
@@ -278,48 +319,41 @@ fn data_lines(text: &str) -> impl Iterator<Item = &str> {
 }
 
 /// One socket table: TCP listeners or bound UDP sockets, by local port.
+/// One socket table: TCP listeners (and other TCP sockets in `bound`) or
+/// bound UDP sockets, by local port.
 pub(crate) fn parse_table(
     text: &str,
     tcp: bool,
     ports: &mut HashMap<u16, Vec<u64>>,
+    bound: &mut HashMap<u16, Vec<u64>>,
     malformed: &mut u64,
 ) {
     if tcp {
-        parse_tcp_listeners(text, ports, malformed)
+        parse_tcp(text, ports, bound, malformed)
     } else {
         parse_udp_bound(text, ports, malformed)
     }
 }
 
-fn parse_tcp_listeners(text: &str, ports: &mut HashMap<u16, Vec<u64>>, malformed: &mut u64) {
-    const LISTEN: u8 = 0x0A;
-    // A busy host has far more connections than listeners: look at the
-    // state column first and hand only listeners to the full parser.
-    let mut bad_state = 0;
-    let listeners = data_lines(text).filter(|line| {
-        match line
-            .split_whitespace()
-            .nth(3)
-            .and_then(|st| u8::from_str_radix(st, 16).ok())
-        {
-            Some(st) => st == LISTEN,
-            None => {
-                bad_state += 1;
-                false
-            }
-        }
-    });
-    let entries = parse_lines(listeners, malformed, |r| {
+fn parse_tcp(
+    text: &str,
+    listeners: &mut HashMap<u16, Vec<u64>>,
+    bound: &mut HashMap<u16, Vec<u64>>,
+    malformed: &mut u64,
+) {
+    let entries = parse_lines(data_lines(text), malformed, |r| {
         TcpNetEntries::from_buf_read(r, procfs::current_system_info()).map(|e| e.0)
     });
-    *malformed += bad_state;
     for e in entries {
-        if e.state == TcpState::Listen && e.inode != 0 {
-            ports
-                .entry(e.local_address.port())
-                .or_default()
-                .push(e.inode);
+        if e.inode == 0 {
+            continue;
         }
+        let map = if e.state == TcpState::Listen {
+            &mut *listeners
+        } else {
+            &mut *bound
+        };
+        map.entry(e.local_address.port()).or_default().push(e.inode);
     }
 }
 
@@ -365,10 +399,10 @@ mod tests {
 ";
 
     #[test]
-    fn tcp_listeners_only_and_bad_lines_counted() {
-        let mut ports = HashMap::new();
+    fn tcp_listeners_apart_from_clients_and_bad_lines_counted() {
+        let (mut ports, mut bound) = (HashMap::new(), HashMap::new());
         let mut bad = 0;
-        parse_tcp_listeners(TCP, &mut ports, &mut bad);
+        parse_table(TCP, true, &mut ports, &mut bound, &mut bad);
         assert_eq!(ports.get(&22), Some(&vec![1111]));
         assert_eq!(ports.get(&80), Some(&vec![3333]));
         assert_eq!(
@@ -376,9 +410,13 @@ mod tests {
             None,
             "established sockets are not listeners"
         );
+        assert!(
+            bound.values().flatten().count() > 0,
+            "established sockets are a client's end: {bound:?}"
+        );
         assert_eq!(ports.get(&0x51), None, "unknown state");
-        // The garbage line and the truncated listener.
-        assert_eq!(bad, 2);
+        // The garbage line, the unknown state and the truncated listener.
+        assert_eq!(bad, 3);
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! per-CPU `STATS` counters and the per-CPU `DROPS` aggregation map.
 use std::collections::HashMap;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
-use conntrack_ebpf::{stat, AggKey, FlowEvent};
+use std::os::fd::AsFd;
+
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf};
+use conntrack_ebpf::{stat, AggKey, AggValue, FlowEvent};
 use tokio::io::unix::AsyncFd;
 
 use crate::{kernel::loader::Loaded, source::records as event};
@@ -40,11 +42,62 @@ pub struct KernelSource {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ring: AsyncFd<RingBuf<MapData>>,
     stats: PerCpuArray<MapData, u64>,
-    counts: PerCpuHashMap<MapData, AggKey, u64>,
-    occupancy: PerCpuHashMap<MapData, AggKey, i64>,
+    /// `COUNTS_A` and `COUNTS_B`: the programs add to `counts[gen & 1]`.
+    counts: [MapData; 2],
+    gen: Array<MapData, u32>,
+    generation: u32,
+    occupancy: MapData,
+    spill: MapData,
     live: BpfHashMap<MapData, u64, FlowEvent>,
+    cpus: usize,
     /// Records the decoder refused (size or content): counted as lost.
     pub malformed: u64,
+}
+
+/// A per-CPU hash map, read in batches rather than through aya's types.
+fn take_percpu(loaded: &mut Loaded, name: &'static str) -> Result<MapData, SourceError> {
+    match loaded.ebpf.take_map(name) {
+        Some(Map::PerCpuHashMap(m) | Map::PerCpuLruHashMap(m)) => Ok(m),
+        Some(_) => Err(SourceError::Map {
+            name,
+            detail: "not a per-CPU hash map: rebuild with `cargo xtask build`".into(),
+        }),
+        None => Err(SourceError::MissingMap(name)),
+    }
+}
+
+/// One key's count over CPUs, with the source port one of them saw last
+/// (any of them names the same origin).
+fn summed(per_cpu: &[AggValue]) -> AggValue {
+    let mut out = AggValue::default();
+    for v in per_cpu {
+        out.count += v.count;
+        if v.count > 0 && v.sport != 0 {
+            out.sport = v.sport;
+        }
+    }
+    out
+}
+
+/// Every key of a per-CPU hash map with its value on each CPU, kept.
+fn read_all<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    cpus: usize,
+    name: &'static str,
+) -> Result<Vec<(K, Vec<V>)>, SourceError> {
+    super::batch::read_percpu(map.fd().as_fd(), cpus, false).map_err(|e| SourceError::Map {
+        name,
+        detail: e.to_string(),
+    })
+}
+
+/// Counts read at one refresh: `settled` were drained from the map the
+/// programs left a refresh ago and will not change; `pending` is the map
+/// just left, read but kept, so the next refresh drains what lands late.
+#[derive(Debug, Default)]
+pub(crate) struct Drained {
+    pub(crate) settled: Vec<(AggKey, AggValue)>,
+    pub(crate) pending: Vec<(AggKey, AggValue)>,
 }
 
 fn take<T>(loaded: &mut Loaded, name: &'static str) -> Result<T, SourceError>
@@ -69,9 +122,19 @@ impl KernelSource {
             // (both live in this struct and are dropped together).
             ring: unsafe { AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)?,
             stats: take(loaded, "STATS")?,
-            counts: take(loaded, "COUNTS")?,
-            occupancy: take(loaded, "OCC")?,
+            counts: [
+                take_percpu(loaded, "COUNTS_A")?,
+                take_percpu(loaded, "COUNTS_B")?,
+            ],
+            gen: take(loaded, "GEN")?,
+            generation: 0,
+            occupancy: take_percpu(loaded, "OCC")?,
+            spill: take_percpu(loaded, "SPILL")?,
             live: take(loaded, "LIVE")?,
+            cpus: aya::util::nr_cpus().map_err(|(what, e)| SourceError::Map {
+                name: "COUNTS_A",
+                detail: format!("{what}: {e}"),
+            })?,
             logger: loaded.logger.take(),
             malformed: 0,
         })
@@ -129,20 +192,60 @@ impl KernelSource {
         Ok(KernelStats(out))
     }
 
-    /// Every aggregation key (drops, new entries, evictions, clashes) with
-    /// its count summed over CPUs. Keys are never deleted while running
-    /// (that would race with the kernel's increments); callers take
-    /// differences between two reads.
-    pub fn counts(&self) -> Result<HashMap<AggKey, u64>, SourceError> {
-        let mut out = HashMap::new();
-        for item in self.counts.iter() {
-            let (k, v) = item.map_err(|e| SourceError::Map {
+    /// Counts since the previous call. Drains the map the programs left at
+    /// the previous call (nothing writes it any more), switches them to it,
+    /// and reads the one they just left without emptying it. Cost: the keys
+    /// that changed, in a few syscalls.
+    pub(crate) fn drain(&mut self) -> Result<Drained, SourceError> {
+        let map_err = |name: &'static str| {
+            move |e: std::io::Error| SourceError::Map {
+                name,
+                detail: e.to_string(),
+            }
+        };
+        let idle = (self.generation as usize + 1) & 1;
+        let settled = self.read(idle, true).map_err(map_err("COUNTS"))?;
+        self.generation = self.generation.wrapping_add(1);
+        self.gen
+            .set(0, self.generation, 0)
+            .map_err(|e| SourceError::Map {
+                name: "GEN",
+                detail: e.to_string(),
+            })?;
+        let left = (self.generation as usize + 1) & 1;
+        let pending = self.read(left, false).map_err(map_err("COUNTS"))?;
+        Ok(Drained { settled, pending })
+    }
+
+    /// Counts past the key budget since attach, per (namespace, kind).
+    pub(crate) fn spilled(&self) -> Result<HashMap<(u32, u8), u64>, SourceError> {
+        Ok(read_all::<u64, u64>(&self.spill, self.cpus, "SPILL")?
+            .into_iter()
+            .map(|(k, v)| (((k >> 8) as u32, k as u8), v.iter().sum()))
+            .collect())
+    }
+
+    /// Empties both count maps: what was counted before a window starts
+    /// belongs to no window.
+    pub(crate) fn reset(&mut self) -> Result<(), SourceError> {
+        for which in 0..2 {
+            self.read(which, true).map_err(|e| SourceError::Map {
                 name: "COUNTS",
                 detail: e.to_string(),
             })?;
-            out.insert(k, v.iter().sum());
         }
-        Ok(out)
+        Ok(())
+    }
+
+    fn read(&self, which: usize, delete: bool) -> std::io::Result<Vec<(AggKey, AggValue)>> {
+        let fd = self.counts[which].fd().as_fd();
+        Ok(
+            super::batch::read_percpu::<AggKey, AggValue>(fd, self.cpus, delete)?
+                .into_iter()
+                .map(|(k, v)| (k, summed(&v)))
+                .filter(|(_, v)| v.count > 0)
+                .collect(),
+        )
     }
 
     /// Flows of the entries created since attach and still live (used once,
@@ -158,32 +261,12 @@ impl KernelSource {
     /// Entries held per creation key, created since attach and not yet
     /// freed (per-CPU +1/-1 summed; only the sum is meaningful).
     pub fn occupancy(&self) -> Result<HashMap<AggKey, i64>, SourceError> {
-        let mut out = HashMap::new();
-        for item in self.occupancy.iter() {
-            let (k, v) = item.map_err(|e| SourceError::Map {
-                name: "OCC",
-                detail: e.to_string(),
-            })?;
-            let n: i64 = v.iter().sum();
-            if n != 0 {
-                out.insert(k, n);
-            }
-        }
-        Ok(out)
+        Ok(read_all::<AggKey, i64>(&self.occupancy, self.cpus, "OCC")?
+            .into_iter()
+            .map(|(k, v)| (k, v.iter().sum::<i64>()))
+            .filter(|(_, n)| *n != 0)
+            .collect())
     }
-}
-
-/// Counts in `now` minus counts in `before`, dropping keys that did not grow.
-pub fn counts_since(
-    now: &HashMap<AggKey, u64>,
-    before: &HashMap<AggKey, u64>,
-) -> HashMap<AggKey, u64> {
-    now.iter()
-        .filter_map(|(k, v)| {
-            let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
-            (d > 0).then_some((*k, d))
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -191,19 +274,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn deltas_ignore_keys_that_did_not_grow() {
-        let a = AggKey {
-            netns: 1,
-            ..Default::default()
+    fn per_cpu_values_sum_and_keep_an_origin() {
+        let v = |count, sport| AggValue {
+            count,
+            sport,
+            _pad: [0; 6],
         };
-        let b = AggKey {
-            netns: 2,
-            ..Default::default()
-        };
-        let before = HashMap::from([(a, 5u64), (b, 3)]);
-        let now = HashMap::from([(a, 9u64), (b, 3)]);
-        let d = counts_since(&now, &before);
-        assert_eq!(d, HashMap::from([(a, 4u64)]));
+        let s = summed(&[v(3, 4000), v(0, 0), v(2, 4001)]);
+        assert_eq!((s.count, s.sport), (5, 4001));
+        assert_eq!(summed(&[]).count, 0);
+    }
+
+    #[test]
+    fn stats_grow_since() {
         let mut s1 = KernelStats::default();
         s1.0[0] = 10;
         let mut s2 = s1;

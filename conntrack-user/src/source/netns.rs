@@ -305,11 +305,22 @@ pub(crate) mod testutil {
     use std::process::{Command, Output, Stdio};
     use std::sync::atomic::{AtomicU32, Ordering};
 
+    /// Says why `test` cannot run here and returns false, so the test can
+    /// return early; under CI (`CI=true`, read as `cargo xtask test` reads
+    /// it) it panics with the same reason instead, because there a skipped
+    /// root-only test would pass without having run.
+    pub(crate) fn skip_or_fail(test: &str, why: &str) -> bool {
+        if matches!(std::env::var("CI").as_deref(), Ok("true" | "1")) {
+            panic!("{test} cannot run under CI=true: {why}");
+        }
+        eprintln!("skipping {test}: {why}");
+        false
+    }
+
     /// Returns false, after saying why, when the test cannot run here.
     pub fn can_run(test: &str, tools: &[&str]) -> bool {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipping {test}: needs root (creates network namespaces)");
-            return false;
+            return skip_or_fail(test, "needs root (creates network namespaces)");
         }
         for tool in tools {
             let ok = Command::new(tool)
@@ -320,15 +331,15 @@ pub(crate) mod testutil {
                 .map(|s| s.success())
                 .unwrap_or(false);
             if !ok {
-                eprintln!(
-                    "skipping {test}: `{tool}` is not installed (apt-get install {})",
-                    match *tool {
-                        "ip" => "iproute2",
-                        "nft" => "nftables",
-                        other => other,
-                    }
+                let package = match *tool {
+                    "ip" => "iproute2",
+                    "nft" => "nftables",
+                    other => other,
+                };
+                return skip_or_fail(
+                    test,
+                    &format!("`{tool}` is not installed (apt-get install {package})"),
                 );
-                return false;
             }
         }
         true
@@ -495,7 +506,10 @@ mod tests {
             .args(["--net", "sleep", "30"])
             .spawn();
         let Ok(ref mut child) = child else {
-            eprintln!("skipping root_process_netns_found_without_name: `unshare` is not installed");
+            skip_or_fail(
+                "root_process_netns_found_without_name",
+                "`unshare` is not installed",
+            );
             return;
         };
         struct Kill<'a>(&'a mut std::process::Child);

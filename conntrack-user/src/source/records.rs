@@ -69,6 +69,10 @@ pub struct FlowRecord {
     pub role: Role,
     pub netns: u32,
     pub tuple: Tuple,
+    /// The entry's reply tuple, when the kernel probes read it (new
+    /// entries, kprobe mode): after NAT its source is the backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply: Option<Tuple>,
     /// The L4 header was not readable (fragment, extension header): ports are 0.
     pub no_l4: bool,
     #[serde(skip_serializing_if = "is_zero")]
@@ -171,6 +175,10 @@ pub fn decode(ev: &FlowEvent) -> Result<FlowRecord, DecodeError> {
         role: role_of(ev.role),
         netns: ev.netns,
         tuple: tuple(&ev.tuple)?,
+        reply: match ev.reply.family {
+            0 => None,
+            _ => Some(tuple(&ev.reply)?),
+        },
         no_l4: ev.flags & flags::NO_L4 != 0,
         ifindex_in: ev.ifindex_in,
         ifindex_out: ev.ifindex_out,
@@ -191,6 +199,8 @@ pub struct AggRecord {
     pub netns: u32,
     pub proto: u8,
     pub src: IpAddr,
+    /// Before NAT.
+    pub dst: IpAddr,
     pub dport: u16,
     pub tgid: u32,
     pub comm: String,
@@ -205,6 +215,7 @@ pub fn decode_key(k: &AggKey) -> Result<AggRecord, DecodeError> {
         netns: k.netns,
         proto: k.proto,
         src: addr(k.family, &k.saddr)?,
+        dst: addr(k.family, &k.daddr)?,
         dport: k.dport,
         tgid: k.tgid,
         comm: comm(&k.comm),
@@ -298,6 +309,31 @@ mod tests {
         assert_eq!(json["role"], "inbound");
         assert_eq!(json["ifindex_in"], 7);
         assert!(json.get("ifindex_out").is_none());
+        assert!(
+            json.get("reply").is_none(),
+            "no reply tuple read: none shown"
+        );
+    }
+
+    #[test]
+    fn decodes_the_reply_tuple_of_a_new_entry() {
+        let mut ev = sample_v4();
+        ev.kind = kind::NEW;
+        // DNAT to 198.18.1.9:8053: the backend answers.
+        ev.reply = ev.tuple;
+        ev.reply.saddr[..4].copy_from_slice(&[198, 18, 1, 9]);
+        ev.reply.daddr[..4].copy_from_slice(&[198, 18, 0, 2]);
+        (ev.reply.sport, ev.reply.dport) = (8053, 40000);
+        let r = decode(&ev).unwrap();
+        let reply = r.reply.clone().expect("reply tuple");
+        assert_eq!(reply.src.to_string(), "198.18.1.9");
+        assert_eq!((reply.sport, reply.dport), (8053, 40000));
+        assert_eq!(
+            serde_json::to_value(&r).unwrap()["reply"]["src"],
+            "198.18.1.9"
+        );
+        ev.reply.family = 9;
+        assert_eq!(decode(&ev), Err(DecodeError::Family(9)));
     }
 
     #[test]

@@ -29,6 +29,10 @@ pub struct Report {
     pub occupancy: Breakdown,
     /// "ctnetlink seed + kernel" (kernel-probe modes) or "ctnetlink" (an end-of-window dump).
     pub occupancy_source: &'static str,
+    /// Seconds between the reading of `occupancy` (the start of its dump
+    /// in tracepoint mode) and the end of the window; null when none could
+    /// be read.
+    pub occupancy_age_s: Option<f64>,
     /// Entries created during the window (kernel-probe modes only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub new_flows: Option<Breakdown>,
@@ -82,6 +86,8 @@ impl Report {
             )
             .finish(top),
             occupancy_source: occupancy.map_or("ctnetlink", |o| o.source),
+            occupancy_age_s: occupancy
+                .map(|o| (s.elapsed.saturating_sub(o.at).as_secs_f64() * 1000.0).round() / 1000.0),
             new_flows: kernel_entries.then(|| breakdown(&s.created, 0, top)),
             evictions: kernel_entries.then(|| host_or_scoped(stat::EVICTIONS, &s.evicted)),
             clashes: kernel_entries.then(|| host_or_scoped(stat::CLASHES, &s.clashed)),
@@ -111,11 +117,13 @@ pub struct ReportCounters {
     pub decode_errors: u64,
     /// Entries freed in the window (kernel-probe modes).
     pub entries_freed: u64,
-    /// Confirmations accepted by `__nf_conntrack_confirm`, resolved
-    /// clashes included (kernel-probe modes).
+    /// New entries inserted by `__nf_conntrack_confirm` (kprobe mode); a
+    /// clash resolved to the existing entry is not one.
     pub inserts: u64,
-    /// Allocation failures with no failed early_drop before them (memory,
-    /// not a full table): kept out of `drops`.
+    /// Allocation failures that were not a full table. Always 0 since the
+    /// kprobe mode stopped hooking the allocation: such failures are never
+    /// counted as drops, and the reconciliation shows them as kernel drops
+    /// ctwatch did not see.
     pub alloc_failures_not_full: u64,
     /// Per-flow records deliberately not streamed (over the per-CPU stream
     /// budget); they are in every count all the same.

@@ -7,7 +7,10 @@
 //! or a key that fell out of the top K, has no series at the next scrape,
 //! so cardinality stays bounded by (namespaces × 7) + (4 dimensions ×
 //! (K + 1)) per top-K family.
-use std::sync::{Arc, PoisonError, RwLock};
+use std::{
+    sync::{Arc, PoisonError, RwLock},
+    time::Instant,
+};
 
 use conntrack_ebpf::stat;
 use prometheus_client::{
@@ -40,12 +43,9 @@ struct NetnsLabels {
     netns_name: String,
 }
 
-/// Labels of the top-K series.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct ByLabels {
-    dimension: &'static str,
-    key: String,
-}
+/// Labels of a top-K series: `dimension` and `key`, and `container` (the
+/// pod or container of the process the row names) only where there is one.
+type ByLabels = Vec<(&'static str, String)>;
 
 /// What a scrape encodes: the latest sample, reduced to its series.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +61,8 @@ pub(crate) struct Exported {
     pub(crate) drops_by: Breakdown,
     /// Culprits: entries held now.
     pub(crate) entries_by: Breakdown,
+    /// When `entries_by` was true: its age is measured at scrape time.
+    pub(crate) entries_at: Option<Instant>,
     /// Culprits (kernel-probe modes): entries created since start.
     pub(crate) new_entries_by: Option<Breakdown>,
 }
@@ -75,6 +77,7 @@ impl Default for Exported {
             clashes: 0,
             drops_by: empty.clone(),
             entries_by: empty,
+            entries_at: None,
             new_entries_by: None,
         }
     }
@@ -97,6 +100,11 @@ impl Exported {
             clashes: s.stats.get(stat::CLASHES),
             drops_by: breakdown(&s.victims, s.unattributed, top),
             entries_by: BreakdownBuilder::of(held, 0).finish(top),
+            // The sample's clock ran to `elapsed` just now.
+            entries_at: s
+                .held
+                .as_ref()
+                .and_then(|o| Instant::now().checked_sub(s.elapsed.saturating_sub(o.at))),
             new_entries_by: s.sees_entries.then(|| breakdown(&s.created, 0, top)),
         }
     }
@@ -128,14 +136,21 @@ impl Format {
     }
 }
 
-/// The dimensions every top-K family is broken down by.
-const DIMENSIONS: [&str; 4] = ["dst_port", "src_ip", "process", "netns"];
+/// The dimensions every top-K family is broken down by: the victim's or
+/// culprit's port, source, process and namespace, both ends of the flow
+/// (`origin`, `service`) and the pod or container it belongs to.
+const DIMENSIONS: [&str; 7] = [
+    "dst_port", "src_ip", "process", "netns", "origin", "service", "pod",
+];
 
 fn dimension<'a>(b: &'a Breakdown, dim: &str) -> &'a [Item] {
     match dim {
         "dst_port" => &b.by_dst_port,
         "src_ip" => &b.by_src_ip,
         "process" => &b.by_process,
+        "origin" => &b.by_origin,
+        "service" => &b.by_service,
+        "pod" => &b.by_pod,
         _ => &b.by_netns,
     }
 }
@@ -193,10 +208,13 @@ fn by_series(b: &Breakdown) -> Vec<(ByLabels, u64)> {
     let mut out: Vec<(ByLabels, u64)> = Vec::new();
     for dim in DIMENSIONS {
         for it in dimension(b, dim) {
-            let l = ByLabels {
-                dimension: dim,
-                key: Label::from(it).short(),
-            };
+            let mut l: ByLabels = vec![
+                ("dimension", dim.to_string()),
+                ("key", Label::from(it).short()),
+            ];
+            if let Some(c) = &it.container {
+                l.push(("container", c.clone()));
+            }
             match out.iter_mut().find(|(k, _)| *k == l) {
                 Some((_, n)) => *n += it.count,
                 None => out.push((l, it.count)),
@@ -292,6 +310,15 @@ impl Collector for Latest {
             Gauge,
             by_series(&v.entries_by),
         )?;
+        if let Some(at) = v.entries_at {
+            let m = e.encode_descriptor(
+                "ctwatch_occupancy_age_seconds",
+                "Seconds since ctwatch_entries_by was read: in tracepoint mode, since its ctnetlink dump began",
+                None,
+                Gauge,
+            )?;
+            ConstGauge::new(at.elapsed().as_secs_f64()).encode(m)?;
+        }
         if let (true, Some(b)) = (self.sees_entries, &v.new_entries_by) {
             family(e, "ctwatch_new_entries_by", "Entries created since start by culprit, top K per dimension, the rest under key=\"other\"", Counter, by_series(b))?;
         }
@@ -394,6 +421,7 @@ mod tests {
             clashes: 1,
             drops_by: drops.finish(top),
             entries_by: occ.finish(top),
+            entries_at: Instant::now().checked_sub(std::time::Duration::from_secs(40)),
             new_entries_by: Some(occ.finish(top)),
         }
     }
@@ -439,6 +467,28 @@ mod tests {
     }
 
     #[test]
+    fn occupancy_age_is_taken_at_scrape_time() {
+        let m = Metrics::new(Some(Mode::Tracepoint), "6.18.0");
+        m.publish(sample(3, 1));
+        let t = m.encode(Format::Prometheus).unwrap();
+        let age: f64 = lines_of(&t, "ctwatch_occupancy_age_seconds")
+            .first()
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no age in:\n{t}"));
+        // Read 40 s before the publish; scraped right after it.
+        assert!((40.0..45.0).contains(&age), "{age}");
+        assert!(
+            t.contains("# TYPE ctwatch_occupancy_age_seconds gauge"),
+            "{t}"
+        );
+
+        // No occupancy read yet: no age to claim.
+        m.publish(Exported::default());
+        let t = m.encode(Format::Prometheus).unwrap();
+        assert!(!t.contains("ctwatch_occupancy_age_seconds"), "{t}");
+    }
+
+    #[test]
     fn top_k_is_bounded_with_an_other_row() {
         const K: usize = 3;
         let m = Metrics::new(Some(Mode::Tracepoint), "6.18.0");
@@ -480,8 +530,9 @@ mod tests {
         m.publish(s);
         let t = m.encode(Format::Prometheus).unwrap();
         let by = lines_of(&t, "ctwatch_table_full_drops_by_total");
-        // One port, one source, one process, one netns: no "other" left.
-        assert_eq!(by.len(), 4, "{t}");
+        // One row per dimension (one port, one source, one process...):
+        // no "other" left.
+        assert_eq!(by.len(), DIMENSIONS.len(), "{t}");
         assert!(!t.contains("udp/5354"), "{t}");
         assert!(
             lines_of(&t, "ctwatch_nf_conntrack_entries").is_empty(),

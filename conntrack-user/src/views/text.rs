@@ -2,7 +2,7 @@
 use std::fmt::Write;
 
 use crate::{
-    aggregate::breakdown::Item,
+    aggregate::breakdown::{Breakdown, Item},
     names::resolver::Process,
     source::records::{FlowRecord, Role},
     views::json::{Report, SummaryLine},
@@ -62,9 +62,33 @@ pub fn drop_line(
     )
 }
 
+/// Both ends and the pod, where this host knows more than the namespace
+/// that counted: forwarded flows, or processes in containers.
+fn ends(o: &mut String, b: &Breakdown) {
+    let known = |l: &[Item]| l.iter().any(|i| i.pid.is_some() || i.container.is_some());
+    if !(known(&b.by_origin) || known(&b.by_service) || known(&b.by_pod)) {
+        return;
+    }
+    let _ = writeln!(o, "  by origin:       {}", items(&b.by_origin));
+    let _ = writeln!(o, "  by service:      {}", items(&b.by_service));
+    let _ = writeln!(o, "  by pod:          {}", items(&b.by_pod));
+}
+
 fn items(list: &[Item]) -> String {
     list.iter()
-        .map(|i| format!("{} {}", Label::from(i).row(), i.count))
+        .map(|i| {
+            let mut k = Label::from(i).row();
+            if let Some(c) = &i.container {
+                k.push_str(&format!(" · {c}"));
+            }
+            if let Some(v) = &i.via {
+                k.push_str(&format!(" via {v}"));
+            }
+            if let Some(t) = &i.to {
+                k.push_str(&format!(" → {t}"));
+            }
+            format!("{k} {}", i.count)
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -115,6 +139,7 @@ pub fn report(r: &Report) -> String {
         let _ = writeln!(o, "  by dest port:    {}", items(&d.by_dst_port));
         let _ = writeln!(o, "  by process:      {}", items(&d.by_process));
         let _ = writeln!(o, "  by netns:        {}", items(&d.by_netns));
+        ends(&mut o, d);
     }
     let o_ = &r.occupancy;
     let _ = writeln!(o, "entries held: {} ({})", o_.total, r.occupancy_source);
@@ -123,6 +148,7 @@ pub fn report(r: &Report) -> String {
         let _ = writeln!(o, "  by dest port:    {}", items(&o_.by_dst_port));
         let _ = writeln!(o, "  by process:      {}", items(&o_.by_process));
         let _ = writeln!(o, "  by netns:        {}", items(&o_.by_netns));
+        ends(&mut o, o_);
     }
     if let Some(n) = &r.new_flows {
         let _ = writeln!(o, "entries created: {}", n.total);

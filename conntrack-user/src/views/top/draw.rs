@@ -8,6 +8,7 @@ use ratatui::{
     DefaultTerminal, Frame,
 };
 
+use crate::aggregate::occupancy::DUMP_BUDGET;
 use crate::views::top::model::{self, fmt_num, Model, NsRow, Rate};
 
 /// Width of the fill bar, in cells.
@@ -272,15 +273,24 @@ fn footer(f: &mut Frame, area: Rect, m: &Model, now: f64) {
     spans.push(Span::styled("mode ", bold()));
     spans.push(Span::raw(m.status.mode.clone()));
     let source = match m.status.dump_interval_s {
-        Some(every) => {
+        Some(period) => {
             let age = m
                 .occupancy_age(now)
                 .map(|a| format!("last {} ago", model::fmt_secs(a)))
                 .unwrap_or_else(|| "first dump pending".into());
+            let every = m.status.dump_every_s.unwrap_or(period);
+            let paced = if every > period {
+                format!(
+                    ", spaced to stay under {}% of a core",
+                    fmt_num((DUMP_BUDGET * 100.0).round())
+                )
+            } else {
+                String::new()
+            };
             format!(
-                "tracepoint mode: occupancy refreshes from ctnetlink every {}s ({age}); \
+                "tracepoint mode: occupancy refreshes from ctnetlink every {}{paced} ({age}); \
                  per-netns new/freed are bounds from the count's net change",
-                fmt_num(every)
+                model::fmt_secs(every)
             )
         }
         None => {
@@ -366,7 +376,7 @@ fn draw(f: &mut Frame, m: &Model, now: f64) {
             )),
             Span::styled(
                 if area.width >= WIDE {
-                    "p process  o proto/port  s source  / prefix  n netns  q quit"
+                    "p process  o proto/port  s source  / prefix  n netns  c pod  q quit"
                 } else {
                     "keys: p o s / n q"
                 },
@@ -536,6 +546,21 @@ mod tests {
         );
         assert!(all.contains("lost events 0"), "{all}");
         assert!(all.contains("mode tracepoint"), "{all}");
+    }
+
+    /// A big table's dumps are spaced out by the CPU budget: the footer
+    /// says how far apart they really are, and why.
+    #[test]
+    fn footer_shows_budget_spaced_dumps() {
+        let mut m = tracepoint_model();
+        m.status.dump_every_s = Some(67.0);
+        let all = screen(&m, 200, 50, 3.0).join("\n");
+        assert!(
+            all.contains(
+                "occupancy refreshes from ctnetlink every 1m07s, spaced to stay under 2% of a core (last 2s ago)"
+            ),
+            "{all}"
+        );
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub enum Dimension {
     /// Source address, or its /24 (/64) when aggregated.
     Source,
     Netns,
+    /// The pod or container at the flow's origin, else its destination's.
+    Pod,
 }
 
 /// The current ranking dimension and whether sources are aggregated.
@@ -68,7 +70,7 @@ pub enum Action {
 
 impl View {
     /// `p` process, `o` proto/port, `s` source, `/` source prefix toggle,
-    /// `n` netns, `q` quit.
+    /// `n` netns, `c` pod or container, `q` quit.
     pub fn on_key(&mut self, c: char) -> Action {
         let dim = match c {
             'q' | 'Q' => return Action::Quit,
@@ -76,6 +78,7 @@ impl View {
             'o' => Dimension::DstPort,
             's' => Dimension::Source,
             'n' => Dimension::Netns,
+            'c' => Dimension::Pod,
             '/' => {
                 // Toggling is only visible on sources: go there too.
                 if self.dim == Dimension::Source {
@@ -99,6 +102,7 @@ impl View {
             (Dimension::Source, false) => "source IP",
             (Dimension::Source, true) => "source /24 (/64)",
             (Dimension::Netns, _) => "netns",
+            (Dimension::Pod, _) => "pod/container",
         }
     }
 
@@ -112,6 +116,7 @@ impl View {
             Dimension::Source if self.prefix => source_prefix(k.src),
             Dimension::Source => k.src.to_string(),
             Dimension::Netns => k.netns.clone(),
+            Dimension::Pod => k.pod.clone(),
         }
     }
 }
@@ -137,6 +142,7 @@ pub struct Keys {
     pub dst: String,
     pub src: IpAddr,
     pub netns: String,
+    pub pod: String,
     /// The catch-all for counts past [`KEY_CAP`].
     pub overflow: bool,
 }
@@ -148,6 +154,7 @@ impl Keys {
             dst: OTHER.into(),
             src: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             netns: OTHER.into(),
+            pod: OTHER.into(),
             overflow: true,
         }
     }
@@ -507,8 +514,12 @@ pub struct Status {
     pub mode: String,
     pub kernel: String,
     pub interval_s: f64,
-    /// Tracepoint mode: occupancy comes from ctnetlink every this many seconds.
+    /// Tracepoint mode: occupancy comes from ctnetlink dumps at most this
+    /// often (seconds).
     pub dump_interval_s: Option<f64>,
+    /// How far apart the dumps start now: the period above, or more where
+    /// the CPU budget spaces a big table's dumps out.
+    pub dump_every_s: Option<f64>,
     /// Problems worth a line on screen (a failed dump, a vanished netns).
     pub notes: Vec<String>,
 }
@@ -571,6 +582,7 @@ impl Model {
             netns: labels
                 .get(&f.netns)
                 .map_or_else(|| f.netns.to_string(), |l| l.to_string()),
+            pod: f.pod().unwrap_or("(no pod or container)").to_string(),
             overflow: false,
         };
         let fresh = |counts: &[Count]| -> Vec<(Keys, u64)> {
@@ -593,6 +605,9 @@ impl Model {
             },
         };
         if let Some(o) = &s.held {
+            if let Some(every) = o.every {
+                self.status.dump_every_s = Some(every.as_secs_f64());
+            }
             let at = o.at.as_secs_f64();
             if self.occ.as_ref().is_none_or(|shown| shown.t < at) {
                 let items = o.entries.iter().map(|(f, n)| (keys(f), *n)).collect();
@@ -816,6 +831,7 @@ pub(crate) mod tests {
             dst: dst.into(),
             src: src.parse().unwrap(),
             netns: netns.into(),
+            pod: "(no pod or container)".into(),
             overflow: false,
         }
     }
