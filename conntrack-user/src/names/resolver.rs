@@ -1,7 +1,7 @@
 //! One resolver for every name a view shows: the process behind a flow,
 //! its container or pod, a namespace's name and an interface's. Every
 //! lookup goes through the stage's one cache policy ([`super::cache`]).
-use std::net::IpAddr;
+use std::{fs, net::IpAddr, os::unix::fs::MetadataExt};
 
 use super::{cache::Cache, cgroups::Cgroups, endpoints::Endpoints, sockets::Sockets};
 use crate::source::{
@@ -86,7 +86,7 @@ impl Flow {
     /// The pod or container a flow belongs to: its origin's when the origin
     /// runs on this host, else its destination's.
     pub(crate) fn pod(&self) -> Option<&str> {
-        match &self.origin.process {
+        match self.origin.netns {
             Some(_) => self.origin.container.as_deref(),
             None => self.service.container.as_deref(),
         }
@@ -104,6 +104,7 @@ pub(crate) struct Resolver {
     /// the window is still named.
     flows: Cache<AggRecord, Flow>,
     endpoints: Endpoints,
+    ns_containers: Cache<u32, Option<String>>,
     /// (netns, proto, address, port) before NAT → after, from the table.
     nat: Cache<(u32, u8, IpAddr, u16), (IpAddr, u16)>,
 }
@@ -171,7 +172,10 @@ impl Resolver {
                     role: Some("sender"),
                 });
         }
-        end.container = end.process.as_ref().and_then(|p| self.container_of(p));
+        end.container = match &end.process {
+            Some(p) => self.container_of(p),
+            None => end.netns.and_then(|n| self.container_in(n)),
+        };
         end
     }
 
@@ -189,7 +193,10 @@ impl Resolver {
         // unlearned virtual IP) that arrived here is for a listener here.
         let at = ns.or((rec.role != Role::Local && backend.is_none()).then_some(rec.netns));
         let process = at.and_then(|n| self.listener_in(n, rec.proto, port));
-        let container = process.as_ref().and_then(|p| self.container_of(p));
+        let container = match &process {
+            Some(p) => self.container_of(p),
+            None => ns.and_then(|n| self.container_in(n)),
+        };
         End {
             addr: rec.dst,
             port: rec.dport,
@@ -198,6 +205,26 @@ impl Resolver {
             process,
             container,
         }
+    }
+
+    /// The container or pod of a namespace, from the cgroup of a process in
+    /// it: every container of a pod shares the pod's namespace, so one
+    /// process names it even when the flow's own socket is gone.
+    fn container_in(&mut self, inum: u32) -> Option<String> {
+        if let Some(c) = self.ns_containers.fresh(&inum) {
+            return c.clone();
+        }
+        let found = fs::read_dir("/proc").ok().and_then(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    fs::metadata(format!("/proc/{pid}/ns/net"))
+                        .is_ok_and(|m| m.ino() as u32 == inum)
+                })
+                .find_map(|pid| self.cgroups.label_of_pid(pid))
+        });
+        self.ns_containers.put(inum, found.clone());
+        found
     }
 
     fn container_of(&mut self, p: &Process) -> Option<String> {
