@@ -790,9 +790,18 @@ fn serve_exports_pods_and_containers() {
     );
     assert_eq!(t.node.drops_since(before, N), N, "one drop per request");
     let drops = "ctwatch_table_full_drops_by_total";
+    let client_key = format!("ctpeer[{}]", client.pid);
+    // A socket opened after the namespace's table was last read is found at
+    // a later refresh (tables are re-read at most twice a second).
     poll_until(Duration::from_secs(15), || {
         text = scrape(&addr);
         series(&text, drops, &[("dimension", "pod"), ("key", pod)]) == Some(N as f64)
+            && series(
+                &text,
+                drops,
+                &[("dimension", "origin"), ("key", &client_key)],
+            )
+            .is_some()
     });
     let n = Some(N as f64);
     assert_eq!(
@@ -800,7 +809,6 @@ fn serve_exports_pods_and_containers() {
         n,
         "{text}"
     );
-    let client_key = format!("ctpeer[{}]", client.pid);
     let listener_key = format!("ctpeer[{}]", listener.pid);
     for (dim, key, container) in [
         ("origin", &client_key, pod),

@@ -33,11 +33,6 @@ impl<K: Hash + Eq, V> Cache<K, V> {
             .map(|(v, _)| v)
     }
 
-    /// How long ago `k` was resolved.
-    pub(crate) fn age(&self, k: &K) -> Option<Duration> {
-        self.entries.get(k).map(|(_, at)| at.elapsed())
-    }
-
     /// A name however old: what a key was called before it went away.
     pub(crate) fn stale(&self, k: &K) -> Option<&V> {
         self.entries.get(k).map(|(v, _)| v)

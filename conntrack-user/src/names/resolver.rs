@@ -51,10 +51,6 @@ impl End {
     }
 }
 
-/// How long a name with an unresolved end is kept before it is looked up
-/// again.
-const RETRY: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// A kernel aggregation key with its names: what every view ranks by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Flow {
@@ -243,13 +239,10 @@ impl Resolver {
             .stale(&(rec.netns, rec.proto, rec.dst, rec.dport))
             .copied();
         // A translation learned since the key was named changes its
-        // destination: name it again. So does a socket not found yet (the
-        // socket tables are re-read at most every half second), once a
-        // while later.
-        let retry = self.flows.age(&probe).is_some_and(|a| a >= RETRY);
+        // destination: name it again. So does a socket not found yet: the
+        // socket tables themselves are re-read at most twice a second.
         if let Some(f) = self.flows.fresh(&probe).filter(|f| {
-            f.service.backend == backend
-                && !(retry && (f.origin.unresolved() || f.service.unresolved()))
+            f.service.backend == backend && !f.origin.unresolved() && !f.service.unresolved()
         }) {
             return Flow {
                 kind: rec.kind,
