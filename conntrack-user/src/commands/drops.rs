@@ -9,8 +9,9 @@ use crate::{
     aggregate::sampler::{Dumps, Sampler},
     cli::Settings,
     error::Error,
+    names::resolver::Process,
     session::{Session, Streaming},
-    source::records::Kind,
+    source::records::{FlowRecord, Kind},
     views::{json, text},
 };
 
@@ -35,6 +36,48 @@ impl LineBudget {
         }
         self.count += 1;
         self.count <= max
+    }
+}
+
+/// The stream's state: what it prints, and how many lines this second.
+struct Out {
+    json: bool,
+    all_kinds: bool,
+    max_lines: u64,
+    lines: LineBudget,
+    /// Drops printed one by one since the last summary.
+    shown: u64,
+    second: u64,
+}
+
+/// One line for one record, within the per-second budget.
+fn print(session: &mut Session, out: &mut Out, rec: FlowRecord, owner: Process) {
+    if (!out.all_kinds && rec.kind != Kind::Drop) || !session.scope.contains(rec.netns) {
+        return;
+    }
+    if !out.lines.allows(out.second, out.max_lines) {
+        return;
+    }
+    if rec.kind == Kind::Drop {
+        out.shown += 1;
+    }
+    let name = session.names.netns_name(rec.netns);
+    let ifindex = if rec.ifindex_in != 0 {
+        rec.ifindex_in
+    } else {
+        rec.ifindex_out
+    };
+    let interface = session.names.interface(rec.netns, ifindex);
+    if out.json {
+        println!(
+            "{}",
+            json::line(&json::DropLine::of(&rec, name, interface, &owner))
+        );
+    } else {
+        println!(
+            "{}",
+            text::drop_line(&rec, name.as_deref(), interface.as_deref(), &owner)
+        );
     }
 }
 
@@ -74,20 +117,31 @@ pub(crate) async fn run(
     eprintln!("{}; streaming {what} (Ctrl-C to stop)", session.banner());
     let mut sampler = Sampler::start(&mut session, Dumps::Never)?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let (mut lines, mut shown, mut second) = (LineBudget::default(), 0u64, 0u64);
+    let mut out = Out {
+        json: as_json,
+        all_kinds,
+        max_lines,
+        lines: LineBudget::default(),
+        shown: 0,
+        second: 0,
+    };
     let (mut lost_before, mut skipped_before) = (0, 0);
     loop {
         tokio::select! {
             _ = &mut stop => break,
             _ = tick.tick() => {
-                second += 1;
+                // Records written without waking ctwatch are still lines to print.
+                for (rec, owner) in session.drain() {
+                    print(&mut session, &mut out, rec, owner);
+                }
+                out.second += 1;
                 let s = sampler.sample(&mut session)?;
                 let drops: u64 = s.victims.iter().map(|c| c.fresh).sum();
                 let lost = s.stats.get(stat::RB_LOST) - lost_before;
                 let not_streamed = s.stats.get(stat::SAMPLED) - skipped_before;
                 (lost_before, skipped_before) = (s.stats.get(stat::RB_LOST), s.stats.get(stat::SAMPLED));
-                if drops > shown {
-                    let line = json::SummaryLine::of(&s, shown, not_streamed, lost, settings.top.min(5));
+                if drops > out.shown {
+                    let line = json::SummaryLine::of(&s, out.shown, not_streamed, lost, settings.top.min(5));
                     if as_json {
                         println!("{}", json::line(&line));
                     } else {
@@ -96,27 +150,13 @@ pub(crate) async fn run(
                 } else if lost > 0 {
                     eprintln!("ctwatch: {lost} events lost to a full ring buffer in the last second");
                 }
-                shown = 0;
+                out.shown = 0;
             }
-            events = session.events() => for (rec, owner) in events? {
-                if (!all_kinds && rec.kind != Kind::Drop) || !session.scope.contains(rec.netns) {
-                    continue;
+            events = session.events() => {
+                for (rec, owner) in events? {
+                    print(&mut session, &mut out, rec, owner);
                 }
-                if !lines.allows(second, max_lines) {
-                    continue;
-                }
-                if rec.kind == Kind::Drop {
-                    shown += 1;
-                }
-                let name = session.names.netns_name(rec.netns);
-                let ifindex = if rec.ifindex_in != 0 { rec.ifindex_in } else { rec.ifindex_out };
-                let interface = session.names.interface(rec.netns, ifindex);
-                if as_json {
-                    println!("{}", json::line(&json::DropLine::of(&rec, name, interface, &owner)));
-                } else {
-                    println!("{}", text::drop_line(&rec, name.as_deref(), interface.as_deref(), &owner));
-                }
-            },
+            }
         }
     }
     Ok(())

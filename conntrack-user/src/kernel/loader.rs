@@ -243,8 +243,11 @@ fn load_mode(
     config.stream_budget = req.stream_budget;
     config.first_budget = FIRST_BUDGET;
     let counts = count_capacity();
-    // Leaves room for keys other CPUs add before their own caps stop them.
-    config.count_cap = counts / 4 * 3;
+    // Every CPU may add its share and no more: the LRU map then never has to
+    // evict a key it has counted, so per-key counts stay exact and the rest
+    // is counted per namespace past the cap.
+    let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u32;
+    config.count_cap = (counts / cpus).max(1);
     let mut ebpf = EbpfLoader::new()
         .override_global("CONFIG", &config, true)
         .map_max_entries("LIVE", live_capacity(mode))
