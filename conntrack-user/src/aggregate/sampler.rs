@@ -48,8 +48,10 @@ pub(crate) struct Count {
 }
 
 /// Distinct keys the ledger keeps; counts of keys past it are only in the
-/// kernel's totals, and so under "other".
-const LEDGER_KEYS: usize = 65536;
+/// kernel's totals, and so under "other". Every kept key is named and
+/// carried in each sample: this bounds ctwatch's memory under a flood from
+/// a million sources, far above what any top-K list shows.
+const LEDGER_KEYS: usize = 16384;
 
 /// One key's counts in the ledger.
 #[derive(Debug, Clone, Copy, Default)]
@@ -74,25 +76,37 @@ struct Tallied {
 #[derive(Debug, Default)]
 struct Ledger {
     keys: HashMap<AggKey, Counted>,
+    /// Settled counts of keys past the budget.
+    spilled: Spilled,
 }
+
+/// Counts past a key budget, per (namespace, kind).
+type Spilled = HashMap<(u32, u8), u64>;
 
 impl Ledger {
     /// Folds one drain in; every key with its total and its growth since
     /// the previous sample.
-    fn update(&mut self, d: Drained) -> Vec<(AggKey, Tallied)> {
+    /// Also returns the counts past the budget per (namespace, kind), so
+    /// every namespace's total stays exact.
+    fn update(&mut self, d: Drained) -> (Vec<(AggKey, Tallied)>, Spilled) {
         let mut pending: HashMap<AggKey, AggValue> = HashMap::new();
         for (k, v) in d.pending {
             pending.insert(k, v);
         }
         for (k, v) in d.settled {
-            if let Some(c) = self.entry(k) {
-                c.settled += v.count;
-                c.sport = v.sport;
+            match self.entry(k) {
+                Some(c) => {
+                    c.settled += v.count;
+                    c.sport = v.sport;
+                }
+                None => *self.spilled.entry((k.netns, k.kind)).or_default() += v.count,
             }
         }
+        let mut spilled = self.spilled.clone();
         for (k, v) in &pending {
-            if let Some(c) = self.entry(*k) {
-                c.sport = v.sport;
+            match self.entry(*k) {
+                Some(c) => c.sport = v.sport,
+                None => *spilled.entry((k.netns, k.kind)).or_default() += v.count,
             }
         }
         let mut out = Vec::with_capacity(self.keys.len());
@@ -109,7 +123,7 @@ impl Ledger {
                 },
             ));
         }
-        out
+        (out, spilled)
     }
 
     fn entry(&mut self, k: AggKey) -> Option<&mut Counted> {
@@ -130,6 +144,8 @@ pub(crate) struct Occupancy {
     /// Background dumps: how far apart they start now.
     pub(crate) every: Option<Duration>,
     pub(crate) entries: Vec<(Flow, u64)>,
+    /// Entries past the key budget: counted under "other".
+    pub(crate) unkeyed: u64,
 }
 
 /// The kernel's state at one refresh, named and counted.
@@ -201,8 +217,8 @@ impl Sample {
 /// its CPU time).
 type Pending = mpsc::Receiver<(Duration, HeldNow, NatSeen, Vec<String>, Duration)>;
 
-/// Entries held per key (with a source port of one of them), as read.
-type HeldNow = Vec<(AggRecord, u64, u16)>;
+/// Entries held, as read.
+type HeldNow = occupancy::HeldCounts;
 
 /// Occupancy before naming: when it was read, how, how far apart
 /// background dumps start, and the counts.
@@ -292,7 +308,7 @@ impl Sampler {
             None => Default::default(),
         };
         let malformed = session.probes().map_or(0, |p| p.source.malformed);
-        let counts = self.ledger.update(drained);
+        let (counts, ledger_spill) = self.ledger.update(drained);
 
         let mut keyed_drops = 0;
         let mut seed_frees = Vec::new();
@@ -317,15 +333,17 @@ impl Sampler {
         // named, so victims are named after NAT too.
         let held = self
             .occupancy(session, &scope, &counters, seed_frees, &mut problems)?
-            .map(|(at, source, every, records)| Occupancy {
+            .map(|(at, source, every, held)| Occupancy {
                 at,
                 source,
                 every,
-                entries: records
+                entries: held
+                    .keyed
                     .into_iter()
                     .filter(|(r, _, _)| session.scope.contains(r.netns))
                     .map(|(r, n, sport)| (session.names.flow(&r, sport), n))
                     .collect(),
+                unkeyed: held.unkeyed,
             });
 
         let mut victims = Vec::new();
@@ -357,23 +375,29 @@ impl Sampler {
         // Counts past the in-kernel key budget are known per namespace: its
         // totals stay exact, and they are "other" in every breakdown.
         let mut spilled_drops = 0;
-        for ((inum, kind), n) in &spilled {
-            let n = n.saturating_sub(self.spill_start.get(&(*inum, *kind)).copied().unwrap_or(0));
-            if n == 0 || !session.scope.contains(*inum) {
+        let kernel_spill = spilled.iter().map(|(k, n)| {
+            (
+                *k,
+                n.saturating_sub(self.spill_start.get(k).copied().unwrap_or(0)),
+            )
+        });
+        for ((inum, kind), n) in kernel_spill.chain(ledger_spill) {
+            if n == 0 || !session.scope.contains(inum) {
                 continue;
             }
-            match records::kind_of(*kind) {
+            match records::kind_of(kind) {
                 Ok(Kind::Drop) => {
-                    *seen.entry(*inum).or_default() += n;
+                    *seen.entry(inum).or_default() += n;
                     spilled_drops += n;
                 }
-                Ok(Kind::New) => *made.entry(*inum).or_default() += n,
+                Ok(Kind::New) => *made.entry(inum).or_default() += n,
                 _ => {}
             }
         }
-        // Drops the kernel counted but could not key (unreadable, or keyed
-        // past the ledger's budget) belong to no namespace: "other", unless
-        // the scope is narrowed and they may well be someone else's.
+        // Drops the kernel counted but could not key (unreadable) belong to
+        // no namespace: "other", unless the scope is narrowed and they may
+        // well be someone else's; those past a key budget are known per
+        // namespace.
         let unattributed = if session.scope.is_narrowed() {
             spilled_drops
         } else {
@@ -539,21 +563,21 @@ mod tests {
     fn pending_counts_show_now_and_settle_once() {
         let mut l = Ledger::default();
         // The map just left holds 5; nothing settled yet.
-        let t = l.update(Drained {
+        let (t, _) = l.update(Drained {
             settled: vec![],
             pending: vec![(key(1), v(5, 4000))],
         });
         let a = get(&t, 1);
         assert_eq!((a.total, a.fresh, a.sport), (5, 5, 4000));
         // Next refresh drains it with 2 late arrivals; 1 more is pending.
-        let t = l.update(Drained {
+        let (t, _) = l.update(Drained {
             settled: vec![(key(1), v(7, 4001))],
             pending: vec![(key(1), v(1, 4002))],
         });
         let b = get(&t, 1);
         assert_eq!((b.total, b.fresh), (8, 3), "never counted twice");
         // The pending 1 is drained next: shown already, so nothing fresh.
-        let t = l.update(Drained {
+        let (t, _) = l.update(Drained {
             settled: vec![(key(1), v(1, 4002))],
             pending: vec![],
         });
@@ -567,10 +591,12 @@ mod tests {
         let settled = (0..LEDGER_KEYS as u32 + 10)
             .map(|i| (key(i), v(1, 0)))
             .collect();
-        let t = l.update(Drained {
+        let (t, spilled) = l.update(Drained {
             settled,
             pending: vec![],
         });
         assert_eq!(t.len(), LEDGER_KEYS);
+        let past: u64 = spilled.values().sum();
+        assert_eq!(past, 10, "what does not fit is still counted per namespace");
     }
 }
