@@ -217,10 +217,9 @@ fn a_million_spoofed_sources_keep_counts_exact_and_memory_bounded() {
     }
     assert_eq!(other[0]["count"], kernel - TOP as u64, "{src:?}");
 
-    assert!(
-        sampled <= peak,
-        "VmHWM sampled {sampled} > peak at exit {peak}"
-    );
+    // VmHWM while running and the accounting at exit are two kernel
+    // measures a few pages apart: the bound holds for the larger.
+    let peak = peak.max(sampled);
     assert!(
         peak < RSS_BOUND,
         "peak RSS {:.1} MiB is over the documented {} MiB",
