@@ -2,7 +2,7 @@
 //! ctnetlink dump per netns) plus the kernel's live per-key occupancy; in
 //! tracepoint mode, ctnetlink dumps paced to a CPU budget.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{hash_map, HashMap, HashSet},
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -53,10 +53,26 @@ pub(crate) type NatSeen = HashMap<(u32, u8, IpAddr, u16), (IpAddr, u16)>;
 /// Translations remembered per dump: services, not flows, so a few.
 const NAT_PER_DUMP: usize = 4096;
 
+/// Distinct keys a count of held entries keeps; entries past them are
+/// counted, not keyed, and show as "other". A table filled from a million
+/// spoofed sources then costs what one filled from a few thousand does:
+/// every key is named at every refresh, as in the sampler's ledger.
+const HELD_KEYS: usize = 16384;
+
+/// Entries held, as read: per key, with the source port of one of them,
+/// and those past the key budget.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HeldCounts {
+    pub(crate) keyed: Vec<(AggRecord, u64, u16)>,
+    pub(crate) unkeyed: u64,
+}
+
 /// Entries held before attach, minus those freed since.
 #[derive(Debug, Default, Clone)]
 pub struct Seed {
     counts: HashMap<SeedKey, Held1>,
+    /// Entries past [`HELD_KEYS`].
+    unkeyed: u64,
     pub(crate) nat: NatSeen,
 }
 
@@ -73,18 +89,28 @@ impl Seed {
         if !exclude.is_empty() && exclude.contains(&FlowId::of_entry(netns, e)) {
             return;
         }
-        let h = self
-            .counts
-            .entry(SeedKey {
-                netns,
-                src: e.src,
-                dst: e.dst,
-                proto: e.proto,
-                dport: e.dport,
-            })
-            .or_default();
-        h.n += 1;
-        h.sport = e.sport;
+        let full = self.counts.len() >= HELD_KEYS;
+        let key = SeedKey {
+            netns,
+            src: e.src,
+            dst: e.dst,
+            proto: e.proto,
+            dport: e.dport,
+        };
+        match self.counts.entry(key) {
+            hash_map::Entry::Occupied(mut h) => {
+                let h = h.get_mut();
+                h.n += 1;
+                h.sport = e.sport;
+            }
+            hash_map::Entry::Vacant(v) if !full => {
+                v.insert(Held1 {
+                    n: 1,
+                    sport: e.sport,
+                });
+            }
+            hash_map::Entry::Vacant(_) => self.unkeyed += 1,
+        }
     }
 
     /// Counts every entry of these namespaces from one ctnetlink dump each,
@@ -109,11 +135,14 @@ impl Seed {
         (seed, cpu)
     }
 
-    /// Subtracts frees of pre-existing entries reported by the kernel.
+    /// Subtracts frees of pre-existing entries reported by the kernel. A
+    /// key the seed does not hold is taken for one of those past the key
+    /// budget, while there are any.
     pub fn apply_frees(&mut self, frees: impl IntoIterator<Item = (SeedKey, u64)>) {
         for (k, n) in frees {
-            if let Some(c) = self.counts.get_mut(&k) {
-                c.n = c.n.saturating_sub(n);
+            match self.counts.get_mut(&k) {
+                Some(c) => c.n = c.n.saturating_sub(n),
+                None => self.unkeyed = self.unkeyed.saturating_sub(n),
             }
         }
         self.counts.retain(|_, c| c.n > 0);
@@ -163,26 +192,30 @@ impl Held {
         }
     }
 
-    /// Every key held now with its count, after applying the frees of
-    /// pre-existing entries counted since the last call.
-    pub fn now(
+    /// Every key held now with its count, and the entries past the key
+    /// budget, after applying the frees of pre-existing entries counted
+    /// since the last call.
+    pub(crate) fn now(
         &mut self,
         source: &KernelSource,
         seed_frees: impl IntoIterator<Item = (AggRecord, u64)>,
-    ) -> Result<Vec<(AggRecord, u64, u16)>, SourceError> {
+    ) -> Result<HeldCounts, SourceError> {
         self.seed.apply_frees(
             seed_frees
                 .into_iter()
                 .map(|(r, n)| (SeedKey::of_record(&r), n)),
         );
         let live = source.occupancy()?;
-        Ok(self
-            .seed
-            .records()
-            .chain(live.into_iter().filter_map(|(k, n)| {
-                Some((records::decode_key(&k).ok()?, u64::try_from(n).ok()?, 0))
-            }))
-            .collect())
+        Ok(HeldCounts {
+            keyed: self
+                .seed
+                .records()
+                .chain(live.into_iter().filter_map(|(k, n)| {
+                    Some((records::decode_key(&k).ok()?, u64::try_from(n).ok()?, 0))
+                }))
+                .collect(),
+            unkeyed: self.seed.unkeyed,
+        })
     }
 
     /// Translations seen in the seed dump.
@@ -193,12 +226,16 @@ impl Held {
 
 /// Entries held per key now, from one dump per namespace (tracepoint
 /// mode), the translations seen on the way, and the dumps' CPU time.
-pub fn count_now(
+pub(crate) fn count_now(
     scope: &[NetnsInfo],
     notes: &mut Vec<String>,
-) -> (Vec<(AggRecord, u64, u16)>, NatSeen, Duration) {
+) -> (HeldCounts, NatSeen, Duration) {
     let (seed, cpu) = Seed::count(scope, &HashSet::new(), notes);
-    (seed.records().collect(), seed.nat, cpu)
+    let held = HeldCounts {
+        keyed: seed.records().collect(),
+        unkeyed: seed.unkeyed,
+    };
+    (held, seed.nat, cpu)
 }
 
 /// The share of one core that tracepoint-mode dumps may take on average.
@@ -297,6 +334,32 @@ mod tests {
         assert_eq!(rec.role, Role::Unknown);
         assert!(sport == 40000 || sport == 40001, "{sport}");
         assert!(seed.nat.is_empty(), "no entry here was translated");
+    }
+
+    #[test]
+    fn keys_past_the_budget_are_counted_not_kept() {
+        let mut seed = Seed::default();
+        let none = HashSet::new();
+        for i in 0..HELD_KEYS as u32 + 10 {
+            let src = std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string();
+            seed.fold(7, &entry(&src, 40000, 443), &none);
+        }
+        // A key already kept still counts under its own name.
+        seed.fold(7, &entry("10.0.0.0", 40001, 443), &none);
+        assert_eq!(seed.records().count(), HELD_KEYS);
+        assert_eq!((total(&seed), seed.unkeyed), (HELD_KEYS as u64 + 1, 10));
+
+        // A free of a key the seed does not hold was one of the others.
+        let gone = entry("10.255.0.0", 1, 443);
+        let key = SeedKey {
+            netns: 7,
+            src: gone.src,
+            dst: gone.dst,
+            proto: gone.proto,
+            dport: gone.dport,
+        };
+        seed.apply_frees([(key, 4)]);
+        assert_eq!(seed.unkeyed, 6);
     }
 
     #[test]

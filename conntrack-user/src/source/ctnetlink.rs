@@ -202,7 +202,9 @@ pub fn for_each_in(
         }
         // Hanging up frees a reader that waits for a buffer or a slot.
         drop((free_tx, full_rx));
-        let reader_cpu = reader.join().unwrap_or_default();
+        let reader_cpu = reader
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         outcome.map(|()| thread_cpu().saturating_sub(start) + reader_cpu)
     })
 }

@@ -82,7 +82,7 @@ impl Report {
                 occupancy
                     .iter()
                     .flat_map(|o| o.entries.iter().map(|(f, n)| (f, *n))),
-                0,
+                occupancy.map_or(0, |o| o.unkeyed),
             )
             .finish(top),
             occupancy_source: occupancy.map_or("ctnetlink", |o| o.source),

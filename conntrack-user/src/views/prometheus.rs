@@ -99,7 +99,8 @@ impl Exported {
             evictions: s.stats.get(stat::EVICTIONS),
             clashes: s.stats.get(stat::CLASHES),
             drops_by: breakdown(&s.victims, s.unattributed, top),
-            entries_by: BreakdownBuilder::of(held, 0).finish(top),
+            entries_by: BreakdownBuilder::of(held, s.held.as_ref().map_or(0, |o| o.unkeyed))
+                .finish(top),
             // The sample's clock ran to `elapsed` just now.
             entries_at: s
                 .held

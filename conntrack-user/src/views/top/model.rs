@@ -610,7 +610,10 @@ impl Model {
             }
             let at = o.at.as_secs_f64();
             if self.occ.as_ref().is_none_or(|shown| shown.t < at) {
-                let items = o.entries.iter().map(|(f, n)| (keys(f), *n)).collect();
+                let mut items: Vec<_> = o.entries.iter().map(|(f, n)| (keys(f), *n)).collect();
+                if o.unkeyed > 0 {
+                    items.push((Keys::overflow(), o.unkeyed));
+                }
                 self.set_occupancy(at, items);
             }
         }
