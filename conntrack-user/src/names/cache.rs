@@ -14,12 +14,15 @@ pub(crate) const CAP: usize = 65536;
 #[derive(Debug)]
 pub(crate) struct Cache<K, V> {
     entries: HashMap<K, (V, Instant)>,
+    /// When a full cache last looked for expired names to drop.
+    swept: Option<Instant>,
 }
 
 impl<K, V> Default for Cache<K, V> {
     fn default() -> Self {
         Self {
             entries: HashMap::new(),
+            swept: None,
         }
     }
 }
@@ -42,6 +45,12 @@ impl<K: Hash + Eq, V> Cache<K, V> {
     /// none has expired the new one is not kept (it is resolved again).
     pub(crate) fn put(&mut self, k: K, v: V) {
         if self.entries.len() >= CAP && !self.entries.contains_key(&k) {
+            // A sweep walks every entry: at most once per TTL, or a flood of
+            // new keys into a full cache would walk it once per key.
+            if self.swept.is_some_and(|t| t.elapsed() < TTL) {
+                return;
+            }
+            self.swept = Some(Instant::now());
             self.entries.retain(|_, (_, at)| at.elapsed() < TTL);
             if self.entries.len() >= CAP {
                 return;
