@@ -907,26 +907,20 @@ fn a_client_gone_before_the_lookup_keeps_its_address_and_namespace() {
     assert_eq!(kernel, N, "one drop per datagram");
     assert_reconciled(&r, &t, kernel);
     // Whether a socket was still there when ctwatch looked is a race; the
-    // address and its namespace are known either way.
+    // address, its namespace and the pod living there are known either way.
     let shot = format!("(no socket) {}", t.client(0).addr);
     for row in rows(&r, "drops", "by_origin") {
         assert_eq!(row["netns"], t.client(0).ns.inum(), "{r}");
-        let named = row["key"] == "ctpeer"
-            && row["pid"] == shooter
-            && row["container"] == pods.pod_label.as_str();
+        assert_eq!(row["container"], pods.pod_label.as_str(), "{r}");
+        let named = row["key"] == "ctpeer" && row["pid"] == shooter;
         let unnamed = row["key"] == shot.as_str() && row.get("pid").is_none();
         assert!(named || unnamed, "{row}: {r}");
     }
     let service = rows(&r, "drops", "by_service");
     assert_names(&service[0], listener.pid, &t.srv, "by_service");
     assert_eq!(service[0]["container"], pods.docker_label.as_str(), "{r}");
-    // The flows came from this host: their pod is the client's, or unknown
-    // when its socket was gone, never the server's container.
-    for row in rows(&r, "drops", "by_pod") {
-        let key = row["key"].as_str().unwrap_or_default();
-        assert!(
-            key == pods.pod_label || key == "(no pod or container)",
-            "{row}: {r}"
-        );
-    }
+    // The flows came from the client's pod, never the server's container.
+    let by_pod = rows(&r, "drops", "by_pod");
+    assert_eq!(by_pod.len(), 1, "{r}");
+    assert_eq!(by_pod[0]["key"], pods.pod_label.as_str(), "{r}");
 }
