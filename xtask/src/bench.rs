@@ -311,6 +311,15 @@ pub fn bench(ctwatch: &Path, ctpeer: &Path, root: &Path, args: &BenchArgs) -> Re
         );
     }
     doc.push_str(&body);
+    // Not measured here; kept in view every time this file is regenerated.
+    let _ = writeln!(
+        doc,
+        "\n## Occupancy in tracepoint mode: events or adaptive dumps\n\n\
+         Measured by hand, not by this command: [occupancy.md](occupancy.md) compares \
+         ctnetlink NEW/DESTROY events with ctnetlink dumps paced to a CPU budget (the one \
+         chosen) at 1.03 M entries: CPU and peak RSS of `serve` and `top`, the cost to \
+         new-flow creation, and how fresh the occupancy is."
+    );
     let path = args
         .out
         .clone()
