@@ -4,8 +4,9 @@
 //! Every guard cleans up in `Drop`, so a failing assertion (a panic) still
 //! deletes namespaces, kills peers and restores the global max.
 use std::{
-    io::{BufRead, BufReader, Read},
-    path::PathBuf,
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
@@ -239,11 +240,51 @@ impl Netns {
 
     /// Spawns ctpeer inside this netns.
     pub fn peer(&self, args: &[&str]) -> Peer {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.name])
+        self.start_peer(None, args)
+    }
+
+    /// Runs ctpeer to completion inside this netns; returns (pid, stdout).
+    pub fn peer_run(&self, args: &[&str]) -> (u32, String) {
+        self.run_peer(None, args)
+    }
+
+    /// Spawns ctpeer inside this netns, a member of the cgroup v2
+    /// directory `cgroup` from before its first instruction, as a
+    /// container's processes are.
+    pub fn peer_in_cgroup(&self, cgroup: &Path, args: &[&str]) -> Peer {
+        self.start_peer(Some(cgroup), args)
+    }
+
+    /// [`Netns::peer_run`] as a member of the cgroup v2 directory `cgroup`.
+    pub fn peer_run_in_cgroup(&self, cgroup: &Path, args: &[&str]) -> (u32, String) {
+        self.run_peer(Some(cgroup), args)
+    }
+
+    /// ctpeer inside this netns; in `cgroup`, a shell joins it and then
+    /// execs ctpeer, so no instruction of ctpeer runs outside it.
+    fn ctpeer_command(&self, cgroup: Option<&Path>, args: &[&str]) -> Command {
+        let mut cmd = match cgroup {
+            Some(cgroup) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", "echo $$ > \"$0\" && exec \"$@\""])
+                    .arg(cgroup.join("cgroup.procs"))
+                    .arg("ip");
+                sh
+            }
+            None => Command::new("ip"),
+        };
+        cmd.args(["netns", "exec", &self.name])
             .arg(ctpeer_bin())
             .args(args)
-            .stdout(Stdio::piped())
+            .stdout(Stdio::piped());
+        cmd
+    }
+
+    /// Spawns ctpeer and waits for its `ready` line: the sockets it was
+    /// asked for exist once this returns.
+    fn start_peer(&self, cgroup: Option<&Path>, args: &[&str]) -> Peer {
+        let mut child = self
+            .ctpeer_command(cgroup, args)
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn ctpeer");
@@ -255,71 +296,33 @@ impl Netns {
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("ctpeer output");
-        assert!(line.starts_with("ready"), "ctpeer {args:?} said {line:?}");
-        peer
-    }
-
-    /// Runs ctpeer to completion inside this netns; returns (pid, stdout).
-    pub fn peer_run(&self, args: &[&str]) -> (u32, String) {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .arg(ctpeer_bin())
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn ctpeer");
-        let pid = child.id();
-        let out = child.wait_with_output().expect("ctpeer");
-        assert!(out.status.success(), "ctpeer {args:?} failed");
-        (pid, String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-}
-
-impl Netns {
-    /// Spawns ctpeer inside this netns, a member of the cgroup v2
-    /// directory `cgroup` from before its first instruction, as a
-    /// container's processes are: a shell joins it, then execs ctpeer.
-    pub fn peer_in_cgroup(&self, cgroup: &std::path::Path, args: &[&str]) -> Peer {
-        let mut child = Command::new("sh")
-            .args(["-c", "echo $$ > \"$0\" && exec \"$@\""])
-            .arg(cgroup.join("cgroup.procs"))
-            .args(["ip", "netns", "exec", &self.name])
-            .arg(ctpeer_bin())
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn ctpeer");
-        let pid = child.id();
-        let stdout = child.stdout.take().unwrap();
-        let peer = Peer { child, pid };
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("ctpeer output");
         assert!(
             line.starts_with("ready"),
-            "ctpeer {args:?} in {cgroup:?} said {line:?}"
+            "ctpeer {args:?}{} said {line:?}",
+            in_cgroup(cgroup)
         );
         peer
     }
 
-    /// [`Netns::peer_run`] as a member of the cgroup v2 directory `cgroup`.
-    pub fn peer_run_in_cgroup(&self, cgroup: &std::path::Path, args: &[&str]) -> (u32, String) {
-        let child = Command::new("sh")
-            .args(["-c", "echo $$ > \"$0\" && exec \"$@\""])
-            .arg(cgroup.join("cgroup.procs"))
-            .args(["ip", "netns", "exec", &self.name])
-            .arg(ctpeer_bin())
-            .args(args)
-            .stdout(Stdio::piped())
+    fn run_peer(&self, cgroup: Option<&Path>, args: &[&str]) -> (u32, String) {
+        let child = self
+            .ctpeer_command(cgroup, args)
             .spawn()
             .expect("spawn ctpeer");
         let pid = child.id();
         let out = child.wait_with_output().expect("ctpeer");
-        assert!(out.status.success(), "ctpeer {args:?} in {cgroup:?} failed");
+        assert!(
+            out.status.success(),
+            "ctpeer {args:?}{} failed",
+            in_cgroup(cgroup)
+        );
         (pid, String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// Where a ctpeer ran, for its failure messages.
+fn in_cgroup(cgroup: Option<&Path>) -> String {
+    cgroup.map_or_else(String::new, |c| format!(" in {c:?}"))
 }
 
 impl Drop for Netns {
@@ -690,6 +693,214 @@ pub fn ctwatch_once(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Runs ctwatch to completion as uid/gid 65534 with no supplementary
+/// groups: (code, stdout, stderr). No capability survives that exec, so
+/// this is ctwatch as an unprivileged user starts it.
+pub fn ctwatch_as_nobody(args: &[&str]) -> (i32, String, String) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    let out = unsafe {
+        Command::new(ctwatch_bin())
+            .args(args)
+            .pre_exec(|| {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(65534) != 0
+                    || libc::setuid(65534) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+            .output()
+            .expect("run ctwatch as nobody")
+    };
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `ctwatch serve --listen addr` narrowed to `ns`, in the mode under test,
+/// started and attached. It refreshes every second, so a test waits about
+/// a second for what it did to show in a scrape. `extra` adds flags
+/// (`--top K`).
+pub fn start_serve(ns: &Netns, addr: &str, extra: &[&str]) -> Ctwatch {
+    let mode = mode();
+    let mut args = vec![
+        "serve",
+        "--listen",
+        addr,
+        "--interval",
+        "1",
+        "--mode",
+        &mode,
+        "--netns",
+        &ns.name,
+    ];
+    args.extend_from_slice(extra);
+    Ctwatch::start(&args)
+}
+
+/// A loopback address (`127.0.0.1:PORT`) that nothing listens on now, for
+/// `serve --listen`: suites and engineers run side by side on one host, so
+/// a fixed port may be taken. The probe listener is closed on return, so
+/// the port is free for ctwatch to bind.
+pub fn free_loopback_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").to_string()
+}
+
+/// An HTTP answer as it came off the connection.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    /// 0 where the status line did not parse.
+    pub status: u32,
+    /// The status line and headers.
+    pub head: String,
+    pub body: String,
+}
+
+/// Sends one `method path` request to `addr` on a fresh connection and
+/// reads the answer to its end; panics if the connection fails or a read
+/// or write waits longer than `within`. Plain std sockets rather than an
+/// HTTP client: the VMs' busybox userland has no curl, and the hostile
+/// tests must know exactly what was sent. `Connection: close` makes the
+/// end of the answer the end of the connection.
+pub fn http_exchange(addr: &str, method: &str, path: &str, within: Duration) -> HttpAnswer {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(within)).expect("read timeout");
+    s.set_write_timeout(Some(within)).expect("write timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send the request");
+    let mut raw = Vec::new();
+    if let Err(e) = s.read_to_end(&mut raw) {
+        panic!("{method} {path}: no complete answer within {within:?}: {e}");
+    }
+    let raw = String::from_utf8_lossy(&raw);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    HttpAnswer {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+/// How long one read of a scrape may wait. ctwatch answers from its latest
+/// sample at once; this only keeps a hung server from hanging the test.
+pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Scrapes `/metrics` of the `ctwatch serve` at `addr` (`127.0.0.1:PORT`),
+/// asserting it answers 200: the exposition text. Tests that read the
+/// exporter's numbers use this, on the host and in the VMs alike; those
+/// whose point is a real client use [`curl`].
+pub fn scrape_metrics(addr: &str) -> String {
+    let answer = http_exchange(addr, "GET", "/metrics", SCRAPE_TIMEOUT);
+    assert_eq!(answer.status, 200, "GET /metrics at {addr}: {answer:?}");
+    answer.body
+}
+
+/// The value of the first sample of `name` in an exposition whose labels
+/// contain every one of `labels`, each written as in the exposition
+/// (`key="value"`); None where no sample has them all.
+pub fn metric_value(exposition: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Runs curl with `args` (a URL and any flags): (HTTP status, body), or
+/// None where curl is not installed. For tests that must see ctwatch (or
+/// Prometheus) as a real HTTP client does.
+pub fn curl(args: &[&str]) -> Option<(u32, String)> {
+    let out = match Command::new("curl")
+        .args(["-s", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => panic!("curl: {e}"),
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    Some((code.trim().parse().unwrap_or(0), body.to_string()))
+}
+
+/// A file of the repository's `deploy/` folder. The fleet files are read
+/// from the source tree the tests were built in: only the host suite reads
+/// them, and it runs in that tree.
+pub fn deploy_path(file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(file)
+}
+
+fn deploy_file(file: &str) -> String {
+    let path = deploy_path(file);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every document of `deploy/daemonset.yaml` (serde_yaml's `from_str`
+/// takes one).
+pub fn deploy_manifests() -> Vec<serde_yaml::Value> {
+    let text = deploy_file("daemonset.yaml");
+    let mut docs = vec![String::new()];
+    for line in text.lines() {
+        if line.trim_end() == "---" {
+            docs.push(String::new());
+        } else if let Some(d) = docs.last_mut() {
+            d.push_str(line);
+            d.push('\n');
+        }
+    }
+    docs.iter()
+        .map(|d| {
+            serde_yaml::from_str::<serde_yaml::Value>(d)
+                .unwrap_or_else(|e| panic!("daemonset.yaml: {e}"))
+        })
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+/// The DaemonSet of `deploy/daemonset.yaml`.
+pub fn deploy_daemonset() -> serde_yaml::Value {
+    deploy_manifests()
+        .into_iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet in daemonset.yaml")
+}
+
+/// `deploy/grafana-dashboard.json`, the dashboard fleets import: its
+/// queries are checked against what `serve` exports.
+pub fn dashboard() -> Value {
+    serde_json::from_str(&deploy_file("grafana-dashboard.json")).expect("dashboard JSON")
+}
+
+/// Every panel of a dashboard, rows' nested panels included.
+pub fn dashboard_panels(dashboard: &Value) -> Vec<&Value> {
+    let mut out = Vec::new();
+    for p in dashboard["panels"].as_array().expect("panels") {
+        out.push(p);
+        if let Some(inner) = p["panels"].as_array() {
+            out.extend(inner);
+        }
+    }
+    out
 }
 
 /// Row of a report's `netns` list for this inode.

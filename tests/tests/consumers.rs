@@ -83,40 +83,6 @@ macro_rules! require_tool {
     };
 }
 
-/// A loopback address nobody listens on right now.
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").to_string()
-}
-
-/// Runs curl with `args`: (HTTP status, body).
-fn curl(args: &[&str]) -> (u32, String) {
-    let out = Command::new("curl")
-        .args(["-s", "--max-time", "10", "-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
-fn serve(ns: &Netns, listen: &str, top: &str) -> Ctwatch {
-    Ctwatch::start(&[
-        "serve",
-        "--listen",
-        listen,
-        "--interval",
-        "1",
-        "--mode",
-        &mode(),
-        "--netns",
-        &ns.name,
-        "--top",
-        top,
-    ])
-}
-
 /// A table filled to `MAX` with a listener on `PORT`: the scene of a flood.
 fn full_lab(tag: &str) -> (Lab, MaxGuard, (Peer, Peer), Peer) {
     let lab = Lab::new(tag, false);
@@ -148,7 +114,7 @@ impl Prometheus {
             ),
         )
         .expect("prometheus.yml");
-        let listen = free_addr();
+        let listen = free_loopback_addr();
         let log = std::fs::File::create(dir.join("prometheus.log")).expect("log");
         let child = Command::new(bin)
             .arg(format!("--config.file={}", config.display()))
@@ -167,7 +133,7 @@ impl Prometheus {
             url: format!("http://{listen}"),
         };
         let ready = poll_until(Duration::from_secs(30), || {
-            curl(&[&format!("{}/-/ready", p.url)]).0 == 200
+            curl(&[&format!("{}/-/ready", p.url)]).expect("curl").0 == 200
         });
         assert!(ready, "prometheus never got ready:\n{}", p.log());
         p
@@ -187,7 +153,7 @@ impl Prometheus {
         }
         args.push(format!("{}{path}", self.url));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (code, body) = curl(&args);
+        let (code, body) = curl(&args).expect("curl");
         let v: Value = serde_json::from_str(&body)
             .unwrap_or_else(|e| panic!("{path} {params:?}: HTTP {code}, not JSON ({e}): {body}"));
         assert_eq!(v["status"], "success", "{path} {params:?}: {body}");
@@ -215,24 +181,6 @@ impl Drop for Prometheus {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn dashboard() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana-dashboard.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).expect("dashboard JSON")
-}
-
-/// Every panel, rows' nested panels included.
-fn panels(d: &Value) -> Vec<&Value> {
-    let mut out = Vec::new();
-    for p in d["panels"].as_array().expect("panels") {
-        out.push(p);
-        if let Some(inner) = p["panels"].as_array() {
-            out.extend(inner);
-        }
-    }
-    out
 }
 
 /// Puts each variable's value in for `$name`, `${name}` and `[[name]]`,
@@ -338,8 +286,8 @@ fn prometheus_evaluates_every_dashboard_query_during_a_flood() {
     let _curl = require_tool!("curl");
     let (lab, _max, _held, _listener) = full_lab("prom");
     let before = lab.srv.kernel_drops();
-    let listen = free_addr();
-    let w = serve(&lab.srv, &listen, "5");
+    let listen = free_loopback_addr();
+    let w = start_serve(&lab.srv, &listen, &["--top", "5"]);
     let prom = Prometheus::start(&prometheus, &listen);
     let up = poll_until(Duration::from_secs(30), || {
         prom.scalar("up{job=\"ctwatch\"}") == Some(1.0)
@@ -367,7 +315,7 @@ fn prometheus_evaluates_every_dashboard_query_during_a_flood() {
     let mut probe_only_seen = Vec::new();
     let mut pending = Vec::new();
     let mut probe_only = Vec::new();
-    for p in panels(&d) {
+    for p in dashboard_panels(&d) {
         let title = p["title"].as_str().unwrap_or_default();
         let said = format!("{title} {}", p["description"].as_str().unwrap_or_default());
         for t in p["targets"].as_array().into_iter().flatten() {
@@ -418,7 +366,9 @@ fn prometheus_evaluates_every_dashboard_query_during_a_flood() {
     assert!(
         all_answered,
         "dashboard queries without data after 60 s: {pending:#?}\nscrape:\n{}",
-        curl(&[&format!("http://{listen}/metrics")]).1
+        curl(&[&format!("http://{listen}/metrics")])
+            .expect("curl")
+            .1
     );
     if mode() == "tracepoint" {
         // Prometheus has scraped for a while by now: absent means absent.
@@ -467,8 +417,8 @@ fn promtool_finds_nothing_to_fix_in_a_real_scrape() {
     let promtool = require_tool!("promtool");
     let _curl = require_tool!("curl");
     let (lab, _max, _held, _listener) = full_lab("promtool");
-    let listen = free_addr();
-    let w = serve(&lab.srv, &listen, "3");
+    let listen = free_loopback_addr();
+    let w = start_serve(&lab.srv, &listen, &["--top", "3"]);
     // More sources than the top K, so every family has series, `other` too.
     lab.cli.peer_run(&[
         "raw-flood",
@@ -479,7 +429,7 @@ fn promtool_finds_nothing_to_fix_in_a_real_scrape() {
     let url = format!("http://{listen}/metrics");
     let mut scrape = String::new();
     let full = poll_until(Duration::from_secs(15), || {
-        scrape = curl(&[&url]).1;
+        scrape = curl(&[&url]).expect("curl").1;
         scrape.contains("ctwatch_table_full_drops_by_total{dimension=\"src_ip\",key=\"other\"")
             && scrape.contains("ctwatch_entries_by{")
     });
@@ -512,13 +462,8 @@ fn promtool_finds_nothing_to_fix_in_a_real_scrape() {
 #[test]
 fn daemonset_passes_kubernetes_validate() {
     let validate = require_tool!("kubernetes-validate");
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
-    let text = std::fs::read_to_string(&path).expect("daemonset.yaml");
-    let documents = text
-        .split("\n---")
-        .map(|d| serde_yaml::from_str::<serde_yaml::Value>(d).expect("a YAML document"))
-        .filter(|d| !d.is_null())
-        .count();
+    let path = deploy_path("daemonset.yaml");
+    let documents = deploy_manifests().len();
     // --strict: an unknown field (a typo) is an error, not ignored.
     let out = Command::new(validate)
         .arg("--strict")

@@ -1,41 +1,8 @@
 //! The fleet files in deploy/ parse and say what the exporter needs. No
 //! privileges: these run everywhere, `cargo test -p ctwatch-tests` included.
-use std::path::PathBuf;
-
+use ctwatch_tests::{dashboard, dashboard_panels, deploy_daemonset, deploy_manifests};
 use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
-
-fn deploy(file: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy")
-        .join(file);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// Every document of the manifest (serde_yaml's `from_str` takes one).
-fn manifests() -> Vec<Yaml> {
-    let text = deploy("daemonset.yaml");
-    let mut docs = vec![String::new()];
-    for line in text.lines() {
-        if line.trim_end() == "---" {
-            docs.push(String::new());
-        } else if let Some(d) = docs.last_mut() {
-            d.push_str(line);
-            d.push('\n');
-        }
-    }
-    docs.iter()
-        .map(|d| serde_yaml::from_str::<Yaml>(d).unwrap_or_else(|e| panic!("daemonset.yaml: {e}")))
-        .filter(|d| !d.is_null())
-        .collect()
-}
-
-fn daemonset() -> Yaml {
-    manifests()
-        .into_iter()
-        .find(|d| d["kind"] == "DaemonSet")
-        .expect("a DaemonSet in daemonset.yaml")
-}
 
 fn strings(v: &Yaml) -> Vec<String> {
     v.as_sequence()
@@ -49,7 +16,7 @@ fn strings(v: &Yaml) -> Vec<String> {
 
 #[test]
 fn daemonset_runs_serve_on_every_node_with_host_views() {
-    let ds = daemonset();
+    let ds = deploy_daemonset();
     assert_eq!(ds["apiVersion"], "apps/v1");
     let spec = &ds["spec"]["template"]["spec"];
     assert_eq!(spec["hostPID"], true, "hostPID");
@@ -102,7 +69,7 @@ fn daemonset_runs_serve_on_every_node_with_host_views() {
 
 #[test]
 fn daemonset_mounts_what_ctwatch_reads() {
-    let ds = daemonset();
+    let ds = deploy_daemonset();
     let spec = &ds["spec"]["template"]["spec"];
     let volumes = spec["volumes"].as_sequence().expect("volumes");
     let mounts = spec["containers"][0]["volumeMounts"]
@@ -122,7 +89,7 @@ fn daemonset_mounts_what_ctwatch_reads() {
 
 #[test]
 fn daemonset_is_scraped_where_it_listens() {
-    let ds = daemonset();
+    let ds = deploy_daemonset();
     let ann = &ds["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(ann["prometheus.io/scrape"], "true");
     assert_eq!(ann["prometheus.io/port"], "9465");
@@ -133,8 +100,8 @@ fn daemonset_is_scraped_where_it_listens() {
 
 #[test]
 fn daemonset_namespace_is_created_first() {
-    let docs = manifests();
-    let ds_ns = daemonset()["metadata"]["namespace"]
+    let docs = deploy_manifests();
+    let ds_ns = deploy_daemonset()["metadata"]["namespace"]
         .as_str()
         .unwrap_or("default")
         .to_string();
@@ -150,22 +117,6 @@ fn daemonset_namespace_is_created_first() {
     }
 }
 
-fn dashboard() -> Json {
-    serde_json::from_str(&deploy("grafana-dashboard.json")).expect("dashboard JSON")
-}
-
-/// Every panel, rows' nested panels included.
-fn panels(d: &Json) -> Vec<&Json> {
-    let mut out = Vec::new();
-    for p in d["panels"].as_array().expect("panels") {
-        out.push(p);
-        if let Some(inner) = p["panels"].as_array() {
-            out.extend(inner);
-        }
-    }
-    out
-}
-
 fn exprs(p: &Json) -> Vec<&str> {
     p["targets"]
         .as_array()
@@ -179,7 +130,7 @@ fn exprs(p: &Json) -> Vec<&str> {
 fn dashboard_panels_use_the_exported_series() {
     let d = dashboard();
     assert!(d["title"].as_str().is_some_and(|t| !t.is_empty()));
-    let all = panels(&d);
+    let all = dashboard_panels(&d);
     let mut ids: Vec<u64> = all.iter().filter_map(|p| p["id"].as_u64()).collect();
     let n = ids.len();
     ids.sort_unstable();

@@ -709,23 +709,6 @@ fn pods_and_containers_are_named_at_both_ends() {
     assert_eq!(to["container"], docker.as_str(), "{r}");
 }
 
-/// GETs `/metrics` at `addr` with a plain HTTP/1.0 request: the body.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("response");
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "{head}"
-    );
-    body.to_string()
-}
-
 /// The value of the series `name` that carries exactly these labels.
 fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
@@ -751,22 +734,9 @@ fn serve_exports_pods_and_containers() {
     let pods = Pods::new();
     let _max = MaxGuard::set(MAX);
     let (_hold, holder, listener) = pod_scene(&t, &pods);
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-        l.local_addr().expect("its address").to_string()
-    };
+    let addr = free_loopback_addr();
     let before = t.node.kernel_drops();
-    let w = Ctwatch::start(&[
-        "serve",
-        "--listen",
-        &addr,
-        "--interval",
-        "1",
-        "--mode",
-        &mode(),
-        "--netns",
-        &t.node.name,
-    ]);
+    let w = start_serve(&t.node, &addr, &[]);
     let (pod, docker) = (pods.pod_label.as_str(), pods.docker_label.as_str());
     let entries = |text: &str| {
         series(
@@ -780,7 +750,7 @@ fn serve_exports_pods_and_containers() {
     // pod that starts on a watched node.
     let mut text = String::new();
     poll_until(Duration::from_secs(15), || {
-        text = scrape(&addr);
+        text = scrape_metrics(&addr);
         entries(&text) == Some(MAX as f64)
     });
     assert_eq!(entries(&text), Some(MAX as f64), "{text}");
@@ -794,7 +764,7 @@ fn serve_exports_pods_and_containers() {
     // A socket opened after the namespace's table was last read is found at
     // a later refresh (tables are re-read at most twice a second).
     poll_until(Duration::from_secs(15), || {
-        text = scrape(&addr);
+        text = scrape_metrics(&addr);
         series(&text, drops, &[("dimension", "pod"), ("key", pod)]) == Some(N as f64)
             && series(
                 &text,
@@ -838,13 +808,7 @@ fn serve_exports_pods_and_containers() {
 /// namespace. No privileges needed.
 #[test]
 fn daemonset_mounts_what_the_names_need() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
-    let text = fs::read_to_string(&path).expect("deploy/daemonset.yaml");
-    let ds: serde_yaml::Value = text
-        .split("\n---\n")
-        .map(|d| serde_yaml::from_str(d).expect("a YAML document"))
-        .find(|d: &serde_yaml::Value| d["kind"] == "DaemonSet")
-        .expect("a DaemonSet");
+    let ds = deploy_daemonset();
     let spec = &ds["spec"]["template"]["spec"];
     let c = &spec["containers"][0];
     for (host, at) in [

@@ -316,25 +316,8 @@ fn errors_are_one_line_and_non_zero() {
     let (code, _, err) = ctwatch_once(&["report", "--duration=-1"]);
     assert_ne!(code, 0);
     assert!(err.contains("--duration"), "{err}");
-    // Without privileges: drop to nobody (uid/gid 65534) before exec.
-    let out = unsafe {
-        use std::os::unix::process::CommandExt;
-        std::process::Command::new(ctwatch_bin())
-            .args(["report", "--duration", "1"])
-            .pre_exec(|| {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(65534) != 0
-                    || libc::setuid(65534) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            })
-            .output()
-            .expect("run ctwatch as nobody")
-    };
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0));
+    let (code, _, err) = ctwatch_as_nobody(&["report", "--duration", "1"]);
+    assert_ne!(code, 0);
     assert!(err.contains("needs root"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }

@@ -1,10 +1,7 @@
 //! Least privilege, read off the running process, and what a missing
 //! privilege (or another failure class) looks like from outside: its exit
 //! code. Root, serial (`--test-threads=1`), host only.
-use std::{
-    io::{Read, Write},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use ctwatch_tests::*;
 
@@ -103,37 +100,6 @@ fn assert_dropped_everywhere(pid: u32, dropped: u64, kept: u64) {
     }
 }
 
-/// GETs `url` over a plain connection: (status, body).
-fn get(addr: &str, path: &str) -> (u32, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("response");
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, body.to_string())
-}
-
-/// Value of the sample of `name` whose labels contain all of `labels`.
-fn value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .find(|l| labels.iter().all(|want| l.contains(want)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[test]
 fn serve_drops_unneeded_capabilities_on_every_thread_and_still_counts() {
     require_env!();
@@ -143,21 +109,8 @@ fn serve_drops_unneeded_capabilities_on_every_thread_and_still_counts() {
     let _max = MaxGuard::set(MAX as u64);
     let _held = lab.fill(MAX, HOLD_PORT);
     let _listener = lab.srv.peer(&["udp-listen", "0.0.0.0:5353"]);
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .to_string();
-    let w = Ctwatch::start(&[
-        "serve",
-        "--listen",
-        &addr,
-        "--interval",
-        "1",
-        "--mode",
-        &mode(),
-        "--netns",
-        &lab.srv.name,
-    ]);
+    let addr = free_loopback_addr();
+    let w = start_serve(&lab.srv, &addr, &[]);
 
     // Root starts with every capability; after attach these are gone, and
     // from the bounding set too (root holds CAP_SETPCAP for that).
@@ -203,21 +156,20 @@ fn serve_drops_unneeded_capabilities_on_every_thread_and_still_counts() {
     let ns = format!("netns=\"{}\"", lab.srv.inum());
     let deadline = Instant::now() + Duration::from_secs(15);
     let text = loop {
-        let (code, text) = get(&addr, "/metrics");
-        assert_eq!(code, 200, "{text}");
-        let seen = value(&text, "ctwatch_table_full_drops_total", &[&ns]);
+        let text = scrape_metrics(&addr);
+        let seen = metric_value(&text, "ctwatch_table_full_drops_total", &[&ns]);
         if seen == Some(kernel_drops) || Instant::now() > deadline {
             break text;
         }
         std::thread::sleep(Duration::from_millis(250));
     };
     assert_eq!(
-        value(&text, "ctwatch_table_full_drops_total", &[&ns]),
+        metric_value(&text, "ctwatch_table_full_drops_total", &[&ns]),
         Some(kernel_drops),
         "{text}"
     );
     assert_eq!(
-        value(
+        metric_value(
             &text,
             "ctwatch_entries_by",
             &["dimension=\"dst_port\"", "key=\"tcp/7400\""]
@@ -226,7 +178,7 @@ fn serve_drops_unneeded_capabilities_on_every_thread_and_still_counts() {
         "the ctnetlink dump in the namespace: {text}"
     );
     assert_eq!(
-        value(&text, "ctwatch_lost_events_total", &[]),
+        metric_value(&text, "ctwatch_lost_events_total", &[]),
         Some(0.0),
         "{text}"
     );
@@ -320,31 +272,6 @@ fn maps_are_used_by_fd_without_any_capability_from_6_5_on() {
     }
 }
 
-/// Runs ctwatch as uid/gid 65534: no capability survives the exec.
-fn as_nobody(args: &[&str]) -> (i32, String) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    let out = unsafe {
-        std::process::Command::new(ctwatch_bin())
-            .args(args)
-            .pre_exec(|| {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(65534) != 0
-                    || libc::setuid(65534) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            })
-            .output()
-            .expect("run ctwatch as nobody")
-    };
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// README "Exit codes": usage 2, missing privilege 3, unsupported kernel
 /// 4, each with a one-line message.
 #[test]
@@ -361,7 +288,7 @@ fn each_failure_class_has_its_exit_code() {
     one_line(code, &err, 2);
     assert!(err.contains("no-such-netns-ctw"), "{err}");
 
-    let (code, err) = as_nobody(&["report", "--duration", "1"]);
+    let (code, _, err) = ctwatch_as_nobody(&["report", "--duration", "1"]);
     one_line(code, &err, 3);
     assert!(err.contains("root"), "{err}");
 

@@ -1,78 +1,19 @@
 //! `ctwatch serve` as Prometheus sees it: root, serial
 //! (`--test-threads=1`). Scrapes go through curl, a real HTTP client, and
 //! the drop counts are checked against the kernel's own per-netns counter.
-use std::{collections::BTreeMap, process::Command, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use ctwatch_tests::*;
 
 const HOLD_PORT: u16 = 7400;
 
-/// A loopback port nobody listens on right now.
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").to_string()
-}
-
-/// GETs `url` with curl: (HTTP status, body). Where curl is missing (the
-/// VMs' busybox userland), a plain HTTP/1.0 request does the same.
-fn get(url: &str) -> (u32, String) {
-    let out = match Command::new("curl")
-        .args(["-s", "--max-time", "5", "-w", "\n%{http_code}", url])
-        .output()
-    {
-        Ok(out) => out,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return get_raw(url),
-        Err(e) => panic!("curl: {e}"),
-    };
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
-fn get_raw(url: &str) -> (u32, String) {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://").expect("http URL");
-    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let mut s = std::net::TcpStream::connect(host).unwrap_or_else(|e| panic!("{host}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").expect("request");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("response");
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, body.to_string())
-}
-
-/// Value of the first sample of `name` whose labels contain every one of
-/// `labels` (each written as in the exposition: `key="value"`).
-fn value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .find(|l| labels.iter().all(|want| l.contains(want)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-fn serve(ns: &Netns, addr: &str) -> Ctwatch {
-    Ctwatch::start(&[
-        "serve",
-        "--listen",
-        addr,
-        "--interval",
-        "1",
-        "--mode",
-        &mode(),
-        "--netns",
-        &ns.name,
-        "--top",
-        "5",
-    ])
+/// GETs `path` at `addr` with curl, as a real client would: (HTTP status,
+/// body). Where curl is missing, the harness's own request does the same.
+fn get(addr: &str, path: &str) -> (u32, String) {
+    curl(&[&format!("http://{addr}{path}")]).unwrap_or_else(|| {
+        let answer = http_exchange(addr, "GET", path, SCRAPE_TIMEOUT);
+        (answer.status, answer.body)
+    })
 }
 
 #[test]
@@ -84,9 +25,9 @@ fn table_full_drops_match_the_kernel_counter() {
     let _max = MaxGuard::set(MAX as u64);
     let _held = lab.fill(MAX, HOLD_PORT);
     let listener = lab.srv.peer(&["udp-listen", "0.0.0.0:5353"]);
-    let addr = free_addr();
+    let addr = free_loopback_addr();
     let before = lab.srv.kernel_drops();
-    let w = serve(&lab.srv, &addr);
+    let w = start_serve(&lab.srv, &addr, &["--top", "5"]);
     assert!(
         w.banner.contains(&format!("serving http://{addr}/metrics")),
         "banner: {}",
@@ -95,7 +36,6 @@ fn table_full_drops_match_the_kernel_counter() {
     // Zero lost events and zero evictions below say something only with
     // the programs attached.
     w.assert_attached(&mode());
-    let url = format!("http://{addr}/metrics");
     let ns = format!("netns=\"{}\"", lab.srv.inum());
     let name = format!("netns_name=\"{}\"", lab.srv.name);
 
@@ -107,18 +47,18 @@ fn table_full_drops_match_the_kernel_counter() {
     // Wait for a refresh that has seen the whole flood.
     let mut text = String::new();
     poll_until(Duration::from_secs(15), || {
-        let (code, body) = get(&url);
+        let (code, body) = get(&addr, "/metrics");
         assert_eq!(code, 200, "{body}");
         text = body;
-        value(&text, "ctwatch_table_full_drops_total", &[&ns, &name]) == Some(kernel)
+        metric_value(&text, "ctwatch_table_full_drops_total", &[&ns, &name]) == Some(kernel)
     });
     assert_eq!(
-        value(&text, "ctwatch_table_full_drops_total", &[&ns, &name]),
+        metric_value(&text, "ctwatch_table_full_drops_total", &[&ns, &name]),
         Some(kernel),
         "{text}"
     );
     assert_eq!(
-        value(
+        metric_value(
             &text,
             "ctwatch_table_full_drops_by_total",
             &["dimension=\"dst_port\"", "key=\"udp/5353\""]
@@ -127,7 +67,7 @@ fn table_full_drops_match_the_kernel_counter() {
         "{text}"
     );
     assert_eq!(
-        value(
+        metric_value(
             &text,
             "ctwatch_table_full_drops_by_total",
             &["dimension=\"src_ip\"", "key=\"198.18.0.2\""]
@@ -137,7 +77,7 @@ fn table_full_drops_match_the_kernel_counter() {
     );
     // Inbound drops go to the port's listener.
     assert_eq!(
-        value(
+        metric_value(
             &text,
             "ctwatch_table_full_drops_by_total",
             &[
@@ -150,27 +90,27 @@ fn table_full_drops_match_the_kernel_counter() {
     );
     // The kernel's own counters, as the kernel reports them.
     assert_eq!(
-        value(&text, "ctwatch_nf_conntrack_stat_drop_total", &[&ns]),
+        metric_value(&text, "ctwatch_nf_conntrack_stat_drop_total", &[&ns]),
         Some(lab.srv.kernel_drops() as f64),
         "{text}"
     );
     assert_eq!(
-        value(&text, "ctwatch_nf_conntrack_entries", &[&ns]),
+        metric_value(&text, "ctwatch_nf_conntrack_entries", &[&ns]),
         Some(MAX as f64),
         "{text}"
     );
     assert_eq!(
-        value(&text, "ctwatch_nf_conntrack_entries_limit", &[&ns]),
+        metric_value(&text, "ctwatch_nf_conntrack_entries_limit", &[&ns]),
         Some(MAX as f64),
         "{text}"
     );
     assert!(
-        value(&text, "ctwatch_nf_conntrack_buckets", &[&ns]).unwrap_or(0.0) > 0.0,
+        metric_value(&text, "ctwatch_nf_conntrack_buckets", &[&ns]).unwrap_or(0.0) > 0.0,
         "{text}"
     );
     // Culprits: the held TCP entries, by port and by source.
     assert_eq!(
-        value(
+        metric_value(
             &text,
             "ctwatch_entries_by",
             &["dimension=\"dst_port\"", "key=\"tcp/7400\""]
@@ -179,28 +119,28 @@ fn table_full_drops_match_the_kernel_counter() {
         "{text}"
     );
     assert_eq!(
-        value(&text, "ctwatch_lost_events_total", &[]),
+        metric_value(&text, "ctwatch_lost_events_total", &[]),
         Some(0.0),
         "{text}"
     );
     assert_eq!(
-        value(&text, "ctwatch_info", &[&format!("mode=\"{}\"", mode())]),
+        metric_value(&text, "ctwatch_info", &[&format!("mode=\"{}\"", mode())]),
         Some(1.0),
         "{text}"
     );
 
     // Only the kernel-probe modes see evictions; tracepoint mode must not
     // claim zero. The filled entries are assured: none could be evicted.
-    let evictions = value(&text, "ctwatch_evictions_total", &[]);
+    let evictions = metric_value(&text, "ctwatch_evictions_total", &[]);
     if mode() == "tracepoint" {
         assert_eq!(evictions, None, "{text}");
     } else {
         assert_eq!(evictions, Some(0.0), "{text}");
     }
 
-    let (code, _) = get(&format!("http://{addr}/nope"));
+    let (code, _) = get(&addr, "/nope");
     assert_eq!(code, 404);
-    let (code, body) = get(&format!("http://{addr}/"));
+    let (code, body) = get(&addr, "/");
     assert_eq!(code, 200);
     assert!(body.contains("/metrics"), "{body}");
 
@@ -215,8 +155,8 @@ fn top_k_stays_bounded_with_many_victim_ports() {
     let lab = Lab::new("servek", false);
     let _max = MaxGuard::set(MAX as u64);
     let _held = lab.fill(MAX, HOLD_PORT);
-    let addr = free_addr();
-    let w = serve(&lab.srv, &addr);
+    let addr = free_loopback_addr();
+    let w = start_serve(&lab.srv, &addr, &["--top", "5"]);
     // Twelve ports, one of them much busier: top 5 plus "other".
     lab.cli.peer_run(&["udp-send", "198.18.0.1:6000", "60"]);
     for p in 6001..6012 {
@@ -224,10 +164,9 @@ fn top_k_stays_bounded_with_many_victim_ports() {
             .peer_run(&["udp-send", &format!("198.18.0.1:{p}"), "3"]);
     }
     let total = 60.0 + 11.0 * 3.0;
-    let url = format!("http://{addr}/metrics");
     let mut text = String::new();
     poll_until(Duration::from_secs(15), || {
-        text = get(&url).1;
+        text = get(&addr, "/metrics").1;
         let rows: f64 = text
             .lines()
             .filter(|l| l.starts_with("ctwatch_table_full_drops_by_total{dimension=\"dst_port\""))
@@ -241,7 +180,7 @@ fn top_k_stays_bounded_with_many_victim_ports() {
         .collect();
     assert_eq!(ports.len(), 6, "top 5 plus other:\n{text}");
     assert_eq!(
-        value(
+        metric_value(
             &text,
             "ctwatch_table_full_drops_by_total",
             &["dimension=\"dst_port\"", "key=\"udp/6000\""]
@@ -250,7 +189,7 @@ fn top_k_stays_bounded_with_many_victim_ports() {
         "{text}"
     );
     assert_eq!(
-        value(
+        metric_value(
             &text,
             "ctwatch_table_full_drops_by_total",
             &["dimension=\"dst_port\"", "key=\"other\""]
@@ -479,10 +418,7 @@ fn dashboard_selectors() -> Vec<(String, Selector)> {
             _ => {}
         }
     }
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana-dashboard.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let doc: Value = serde_json::from_str(&text).expect("dashboard JSON");
+    let doc = dashboard();
     let mut queries = Vec::new();
     walk(&doc, None, &mut queries);
     let mut out = Vec::new();
@@ -609,10 +545,10 @@ fn dashboard_queries_only_series_that_serve_exports() {
     }
     let lab = Lab::new("servedash", false);
     let _max = MaxGuard::set(MAX as u64);
-    let addr = free_addr();
+    let addr = free_loopback_addr();
     // Started before the table fills, so the kernel-probe modes see the
     // entries being created, by whom.
-    let w = serve(&lab.srv, &addr);
+    let w = start_serve(&lab.srv, &addr, &["--top", "5"]);
     w.assert_attached(&mode());
     let _held = lab.fill(MAX, HOLD_PORT);
     let _listener = lab.srv.peer(&["udp-listen", "0.0.0.0:5353"]);
@@ -622,11 +558,10 @@ fn dashboard_queries_only_series_that_serve_exports() {
     lab.srv.drops_since(before, N as u64);
 
     let sees_entries = mode() != "tracepoint";
-    let url = format!("http://{addr}/metrics");
     let mut text = String::new();
     // Refreshes come every second: wait for one that has it all.
     poll_until(Duration::from_secs(15), || {
-        text = get(&url).1;
+        text = get(&addr, "/metrics").1;
         unmet(&wanted, &samples(&text), sees_entries).is_empty()
     });
     let problems = unmet(&wanted, &samples(&text), sees_entries);

@@ -44,36 +44,6 @@ fn raise_open_files(want: u64) {
     }
 }
 
-/// A loopback port nobody listens on right now.
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").to_string()
-}
-
-/// One request on a fresh connection, answered in full within `within`:
-/// (status, headers and body).
-fn exchange(addr: &str, method: &str, path: &str, within: Duration) -> (u32, String) {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(within)).expect("read timeout");
-    s.set_write_timeout(Some(within)).expect("write timeout");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send the request");
-    let mut resp = Vec::new();
-    if let Err(e) = s.read_to_end(&mut resp) {
-        panic!("{method} {path}: no complete answer within {within:?}: {e}");
-    }
-    let resp = String::from_utf8_lossy(&resp).into_owned();
-    let code = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, resp)
-}
-
 /// Sockets ctwatch holds open, from its fd table.
 fn sockets_held_by(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -136,18 +106,8 @@ fn a_scrape_gets_through_a_thousand_idle_and_trickling_connections() {
     raise_open_files(8192);
     let ns = Netns::new("hostile");
     ns.enable_conntrack();
-    let addr = free_addr();
-    let w = Ctwatch::start(&[
-        "serve",
-        "--listen",
-        &addr,
-        "--interval",
-        "1",
-        "--mode",
-        &mode(),
-        "--netns",
-        &ns.name,
-    ]);
+    let addr = free_loopback_addr();
+    let w = start_serve(&ns, &addr, &[]);
 
     let idle: Vec<TcpStream> = (0..IDLE)
         .map(|i| TcpStream::connect(&addr).unwrap_or_else(|e| panic!("idle connection {i}: {e}")))
@@ -155,12 +115,13 @@ fn a_scrape_gets_through_a_thousand_idle_and_trickling_connections() {
     let tricklers = Tricklers::start(&addr, TRICKLING);
 
     let t0 = Instant::now();
-    let (code, text) = exchange(&addr, "GET", "/metrics", SCRAPE_WITHIN);
+    let answer = http_exchange(&addr, "GET", "/metrics", SCRAPE_WITHIN);
     eprintln!(
         "scrape answered in {:?} past {IDLE} idle and {TRICKLING} trickling connections",
         t0.elapsed()
     );
-    assert_eq!(code, 200, "{text}");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let text = answer.body;
     assert!(
         text.contains(&format!("ctwatch_info{{mode=\"{}\"", mode())),
         "{text}"
@@ -168,18 +129,21 @@ fn a_scrape_gets_through_a_thousand_idle_and_trickling_connections() {
     let row = format!("ctwatch_nf_conntrack_entries{{netns=\"{}\"", ns.inum());
     assert!(text.contains(&row), "no {row} series:\n{text}");
 
-    let (code, text) = exchange(&addr, "POST", "/metrics", SCRAPE_WITHIN);
-    assert_eq!(code, 405, "{text}");
+    let answer = http_exchange(&addr, "POST", "/metrics", SCRAPE_WITHIN);
+    assert_eq!(answer.status, 405, "{answer:?}");
     assert!(
-        text.to_ascii_lowercase().contains("allow: get, head"),
-        "{text}"
+        answer
+            .head
+            .to_ascii_lowercase()
+            .contains("allow: get, head"),
+        "{answer:?}"
     );
-    let (code, text) = exchange(&addr, "GET", "/nope", SCRAPE_WITHIN);
-    assert_eq!(code, 404, "{text}");
-    let (code, text) = exchange(&addr, "HEAD", "/metrics", SCRAPE_WITHIN);
-    assert_eq!(code, 200, "{text}");
-    let (code, text) = exchange(&addr, "GET", "/", SCRAPE_WITHIN);
-    assert_eq!(code, 200, "the liveness probe's path: {text}");
+    let answer = http_exchange(&addr, "GET", "/nope", SCRAPE_WITHIN);
+    assert_eq!(answer.status, 404, "{answer:?}");
+    let answer = http_exchange(&addr, "HEAD", "/metrics", SCRAPE_WITHIN);
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let answer = http_exchange(&addr, "GET", "/", SCRAPE_WITHIN);
+    assert_eq!(answer.status, 200, "the liveness probe's path: {answer:?}");
 
     // Over a thousand clients, and ctwatch holds at most its bound.
     let held = sockets_held_by(w.pid);
