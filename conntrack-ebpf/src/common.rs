@@ -48,7 +48,7 @@ pub static CONFIG: Config = Config {
     conn_reply_tuple: 0,
 };
 
-/// 16 MiB: about 160k events of slack before a burst starts losing events.
+/// Sized by userspace from the CPU count (its producers); this is the most.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
 
@@ -78,10 +78,10 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 
 /// by userspace from the CPU count.
 #[map]
 pub static COUNTS_A: LruPerCpuHashMap<AggKey, AggValue> =
-    LruPerCpuHashMap::with_max_entries(65536, 0);
+    LruPerCpuHashMap::with_max_entries(16384, 0);
 #[map]
 pub static COUNTS_B: LruPerCpuHashMap<AggKey, AggValue> =
-    LruPerCpuHashMap::with_max_entries(65536, 0);
+    LruPerCpuHashMap::with_max_entries(16384, 0);
 
 /// [0]: the generation; even selects `COUNTS_A`, odd `COUNTS_B`. Written
 /// by userspace only.
@@ -236,6 +236,28 @@ pub fn fill_task(ev: &mut FlowEvent) {
 pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
+
+/// The clock read at most once per tick and CPU. Budget windows and cache
+/// ages need no finer time; reading the clocksource on every drop cost, in
+/// the profile in docs/benchmarks.md, about a tenth of the drop path, and
+/// `bpf_ktime_get_coarse_ns` is refused to tracing programs.
+#[inline(always)]
+pub fn coarse_ns() -> u64 {
+    let jiffies = unsafe { aya_ebpf::helpers::generated::bpf_jiffies64() };
+    let Some(c) = CLOCK.get_ptr_mut(0) else {
+        return now_ns();
+    };
+    // SAFETY: a per-CPU map value; nothing else runs on this CPU meanwhile.
+    let c = unsafe { &mut *c };
+    if c[0] != jiffies || c[1] == 0 {
+        *c = [jiffies, now_ns()];
+    }
+    c[1]
+}
+
+/// Per-CPU `[jiffies, ns]` of the last clock read, for [`coarse_ns`].
+#[map]
+static CLOCK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
 /// The attribution key of an event (everything but the per-flow parts).
 #[inline(always)]

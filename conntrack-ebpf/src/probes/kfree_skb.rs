@@ -14,7 +14,7 @@ use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use conntrack_ebpf::{kind, stat, FlowEvent};
 
 use crate::{
-    common::{bump, conf, count_key, emit, key_of, may_stream, now_ns, scratch_event},
+    common::{bump, coarse_ns, conf, count_key, emit, key_of, may_stream, now_ns, scratch_event},
     skb,
 };
 
@@ -44,12 +44,13 @@ fn try_kfree_skb(skb: u64) -> Result<(), i32> {
     bump(stat::MATCHED);
     let ev: &mut FlowEvent = scratch_event().ok_or(-12)?;
     ev.kind = kind::DROP;
-    ev.ts_ns = now_ns();
-    skb::context(&f, ev, ev.ts_ns);
+    let now = coarse_ns();
+    skb::context(&f, ev, now);
     let decoded = skb::tuple(&f, ev);
     // Count before streaming: totals stay exact even if the ring buffer is full.
     let first = count_key(&key_of(ev), ev.tuple.sport);
-    if may_stream(ev.ts_ns, first) {
+    if may_stream(now, first) {
+        ev.ts_ns = now_ns();
         skb::lazy(&f, ev);
         emit(ev);
     }

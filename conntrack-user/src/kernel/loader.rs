@@ -7,6 +7,7 @@ use aya::{
     programs::{KProbe, Program, RawTracePoint},
     Ebpf, EbpfLoader,
 };
+use conntrack_ebpf::Config;
 
 use crate::{
     kernel::btf::{self, BtfError, KernelBtf},
@@ -162,9 +163,17 @@ pub fn load(req: &LoadRequest) -> Result<Loaded, LoadError> {
         Some(m) => vec![m],
         None => compat::AUTO_ORDER.to_vec(),
     };
+    // Everything BTF tells is read before loading, so this parse is freed
+    // before aya parses the same BTF for its relocations: both alive at
+    // once were the peak of ctwatch's RSS.
+    let plans: Vec<(Mode, Result<Config, LoadError>)> = candidates
+        .iter()
+        .map(|&mode| (mode, plan(mode, req, &kbtf, &release)))
+        .collect();
+    drop(kbtf);
     let mut tried = Vec::new();
-    for mode in &candidates {
-        match load_mode(*mode, req, &kbtf, &release) {
+    for (mode, plan) in plans {
+        match plan.and_then(|config| load_mode(mode, &config, &release)) {
             Ok(l) => return Ok(l),
             // A forced mode reports its own failure as is.
             Err(e) if req.mode.is_some() => return Err(e),
@@ -213,23 +222,43 @@ fn live_capacity(mode: Mode) -> u32 {
 /// an ordinary incident; a flood of new keys is counted, not streamed.
 const FIRST_BUDGET: u32 = 4096;
 
-/// Keys per count map. The maps are preallocated with a value per CPU, so
-/// the size follows the CPU count: about 16 MiB per map, and never fewer
-/// keys than a refresh of an ordinary incident needs.
+/// Keys per count map. A flood of new keys looks every drop up in the
+/// active map, so the map's size is the drop path's cache footprint: at
+/// 65,536 keys those lookups missed the cache and the program cost about
+/// 1.7 times what it costs at 16,384 (docs/benchmarks.md), which still
+/// holds an ordinary incident's keys for a refresh. Values are
+/// preallocated per CPU, so hosts with many CPUs get fewer keys: at most
+/// about 16 MiB per map.
 fn count_capacity() -> u32 {
+    const KEYS: usize = 16_384;
     const BYTES: usize = 16 << 20;
-    let cpus = aya::util::nr_cpus().unwrap_or(1).max(1);
-    let per_key = std::mem::size_of::<conntrack_ebpf::AggValue>() * cpus
+    let per_key = std::mem::size_of::<conntrack_ebpf::AggValue>() * cpus() as usize
         + std::mem::size_of::<conntrack_ebpf::AggKey>();
-    (BYTES / per_key).clamp(4096, 65536) as u32
+    (BYTES / per_key).clamp(4096, KEYS) as u32
 }
 
-fn load_mode(
+/// Ring-buffer bytes: 1 MiB per CPU, from 2 to 16 MiB. Each CPU streams
+/// at most its first-of-key budget plus the stream budget per second
+/// (about 2 MB/s), and userspace is woken every 5 ms, so this is about
+/// half a second of every CPU at its limit. The kernel maps the buffer
+/// into the reader twice (wrap-around), all of it resident: at a fixed
+/// 16 MiB it was half of `serve`'s peak RSS on a 2-CPU host.
+fn ring_bytes() -> u32 {
+    (cpus() << 20).next_power_of_two().clamp(2 << 20, 16 << 20)
+}
+
+/// Possible CPUs: per-CPU maps hold a value for each.
+fn cpus() -> u32 {
+    aya::util::nr_cpus().unwrap_or(1).max(1) as u32
+}
+
+/// The configuration `mode` would load with, or why it cannot work here.
+fn plan(
     mode: Mode,
     req: &LoadRequest,
     kbtf: &KernelBtf,
     release: &str,
-) -> Result<Loaded, LoadError> {
+) -> Result<Config, LoadError> {
     if let Some(why) = unavailable(mode, kbtf) {
         return Err(LoadError::Unavailable {
             mode,
@@ -242,17 +271,21 @@ fn load_mode(
     config.stream_new = req.stream_new as u32;
     config.stream_budget = req.stream_budget;
     config.first_budget = FIRST_BUDGET;
-    let counts = count_capacity();
     // Every CPU may add its share and no more: the LRU map then never has to
     // evict a key it has counted, so per-key counts stay exact and the rest
     // is counted per namespace past the cap.
-    let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u32;
-    config.count_cap = (counts / cpus).max(1);
+    config.count_cap = (count_capacity() / cpus()).max(1);
+    Ok(config)
+}
+
+fn load_mode(mode: Mode, config: &Config, release: &str) -> Result<Loaded, LoadError> {
+    let counts = count_capacity();
     let mut ebpf = EbpfLoader::new()
-        .override_global("CONFIG", &config, true)
+        .override_global("CONFIG", config, true)
         .map_max_entries("LIVE", live_capacity(mode))
         .map_max_entries("COUNTS_A", counts)
         .map_max_entries("COUNTS_B", counts)
+        .map_max_entries("EVENTS", ring_bytes())
         .load(OBJECT)
         .map_err(|e| classify_load_error(e, release))?;
     let mut attached = Vec::new();
