@@ -2,7 +2,7 @@
 //! namespace, one Sample per `--interval`; `q` quits.
 use std::io::IsTerminal;
 
-use crossterm::event::{Event, EventStream, KeyCode, KeyEventKind, KeyModifiers};
+use crossterm::event::EventStream;
 use futures_util::StreamExt;
 
 use crate::{
@@ -12,24 +12,10 @@ use crate::{
     session::{Session, Streaming},
     views::top::{
         draw::{Screen, TerminalError},
-        model::{Action, Model, Status, View},
+        input,
+        model::{Action, Model, Status},
     },
 };
-
-/// What a terminal event asks of the view.
-fn action(ev: Event, view: &mut View) -> Action {
-    match ev {
-        Event::Key(k) if k.kind != KeyEventKind::Release => match k.code {
-            // Raw mode turns Ctrl-C into a key, not a signal.
-            KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => Action::Quit,
-            KeyCode::Char(c) => view.on_key(c),
-            KeyCode::Esc => Action::Quit,
-            _ => Action::Ignore,
-        },
-        Event::Resize(..) => Action::Redraw,
-        _ => Action::Ignore,
-    }
-}
 
 pub(crate) async fn run(settings: &Settings, args: &TopArgs) -> Result<(), Error> {
     // Checked before anything is loaded: nothing to undo.
@@ -61,7 +47,7 @@ pub(crate) async fn run(settings: &Settings, args: &TopArgs) -> Result<(), Error
         tokio::select! {
             _ = &mut stop => break,
             ev = keys.next() => match ev {
-                Some(Ok(ev)) => match action(ev, &mut model.view) {
+                Some(Ok(ev)) => match input::action(ev, &mut model.view) {
                     Action::Quit => break,
                     Action::Redraw => screen.draw(&model, model.now())?,
                     Action::Ignore => {}

@@ -1003,10 +1003,17 @@ mod tests {
         }
     }
 
-    /// An nf_conntrack-like module on top of `mini_kernel`.
-    fn mini_module(k: &MiniKernel) -> Builder {
+    /// Split BTF of a module on top of `k`, begun with the
+    /// `nf_conntrack_tuple` every nf_conn layout holds: (builder, its id).
+    fn conntrack_module(k: &MiniKernel) -> (Builder, u32) {
         let mut m = Builder::split_of(&k.b);
         let tuple = m.strukt("nf_conntrack_tuple", 40, &[("dst", k.ulong, 256, 0)]);
+        (m, tuple)
+    }
+
+    /// An nf_conntrack-like module on top of `mini_kernel`.
+    fn mini_module(k: &MiniKernel) -> Builder {
+        let (mut m, tuple) = conntrack_module(k);
         m.strukt(
             "nf_conn",
             256,
@@ -1050,10 +1057,16 @@ mod tests {
         }
     }
 
-    fn kernel_from(builder: &Builder, tag: &str) -> (TempDir, KernelBtf) {
+    /// `kernel` as `vmlinux` and, where given, `module` as `nf_conntrack`
+    /// beside it, written to a scratch directory (returned, so later loads
+    /// in the test can read it) and loaded together as the loader loads
+    /// /sys/kernel/btf.
+    fn kernel_from(kernel: &Builder, module: Option<&Builder>, tag: &str) -> (TempDir, KernelBtf) {
         let dir = TempDir::new(tag);
-        let vmlinux = dir.write("vmlinux", &builder.bytes());
-        let btf = KernelBtf::load_from(&vmlinux, &[]).unwrap();
+        let vmlinux = dir.write("vmlinux", &kernel.bytes());
+        let module = module.map(|m| dir.write("nf_conntrack", &m.bytes()));
+        let modules: Vec<&Path> = module.as_deref().into_iter().collect();
+        let btf = KernelBtf::load_from(&vmlinux, &modules).unwrap();
         (dir, btf)
     }
 
@@ -1061,7 +1074,7 @@ mod tests {
 
     #[test]
     fn nested_anonymous_unions_and_structs() {
-        let (_dir, btf) = kernel_from(&mini_kernel(true).b, "anon");
+        let (_dir, btf) = kernel_from(&mini_kernel(true).b, None, "anon");
         // union { struct { next; prev; union { dev; ... } } ; rbnode }
         assert_eq!(btf.member_offset("sk_buff.dev").unwrap(), 16);
         assert_eq!(btf.member_offset("sk_buff.sk").unwrap(), 24);
@@ -1085,7 +1098,7 @@ mod tests {
 
     #[test]
     fn nested_named_members_and_typedef_roots() {
-        let (_dir, btf) = kernel_from(&mini_kernel(true).b, "named");
+        let (_dir, btf) = kernel_from(&mini_kernel(true).b, None, "named");
         assert_eq!(btf.member_offset("net.ns.inum").unwrap(), 120 + 16);
         assert_eq!(btf.member_offset("sock.__sk_common.skc_net").unwrap(), 48);
         assert_eq!(
@@ -1102,7 +1115,7 @@ mod tests {
 
     #[test]
     fn missing_type_and_member_errors() {
-        let (_dir, btf) = kernel_from(&mini_kernel(true).b, "missing");
+        let (_dir, btf) = kernel_from(&mini_kernel(true).b, None, "missing");
         let err = btf.member_offset("sk_buff.nope").unwrap_err();
         assert!(
             matches!(&err, BtfError::MemberNotFound { member, within, .. }
@@ -1151,7 +1164,7 @@ mod tests {
         let int = b.int("int", 4, true);
         let inner = b.strukt("", 16, &[("x", int, 64, 0)]);
         b.strukt("far", 16, &[("", inner, u32::MAX - 31, 0)]);
-        let (_dir, btf) = kernel_from(&b, "far");
+        let (_dir, btf) = kernel_from(&b, None, "far");
         let err = btf.member_offset("far.x").unwrap_err();
         assert!(
             matches!(&err, BtfError::Corrupt { what, .. } if what == "far.x"),
@@ -1167,7 +1180,7 @@ mod tests {
         let mut b = Builder::base();
         let me = b.next_id;
         b.strukt("loop", 8, &[("", me, 0, 0); 8]);
-        let (_dir, btf) = kernel_from(&b, "loop");
+        let (_dir, btf) = kernel_from(&b, None, "loop");
         let start = std::time::Instant::now();
         let err = btf.member_offset("loop.x").unwrap_err();
         assert!(matches!(err, BtfError::MemberNotFound { .. }), "{err:?}");
@@ -1176,7 +1189,7 @@ mod tests {
 
     #[test]
     fn bitfields_are_rejected() {
-        let (_dir, btf) = kernel_from(&mini_kernel(true).b, "bitfield");
+        let (_dir, btf) = kernel_from(&mini_kernel(true).b, None, "bitfield");
         // kind_flag encoding, at a byte boundary (size says bitfield).
         let err = btf.member_offset("sk_buff.cloned").unwrap_err();
         assert!(
@@ -1212,7 +1225,7 @@ mod tests {
 
     #[test]
     fn enum_values() {
-        let (_dir, btf) = kernel_from(&mini_kernel(true).b, "enum");
+        let (_dir, btf) = kernel_from(&mini_kernel(true).b, None, "enum");
         assert_eq!(
             btf.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP")
                 .unwrap(),
@@ -1244,7 +1257,7 @@ mod tests {
 
     #[test]
     fn no_drop_reasons_names_the_kprobe_mode() {
-        let (_dir, btf) = kernel_from(&mini_kernel(false).b, "noreason");
+        let (_dir, btf) = kernel_from(&mini_kernel(false).b, None, "noreason");
         let err = resolve_config(&btf).unwrap_err();
         assert!(matches!(err, BtfError::NoDropReasons), "{err:?}");
         let msg = err.to_string();
@@ -1257,7 +1270,7 @@ mod tests {
 
     #[test]
     fn resolve_config_on_mini_kernel() {
-        let (_dir, btf) = kernel_from(&mini_kernel(true).b, "config");
+        let (_dir, btf) = kernel_from(&mini_kernel(true).b, None, "config");
         let config = resolve_config(&btf).unwrap();
         let expected = Config {
             reason_netfilter_drop: 12,
@@ -1309,8 +1322,7 @@ mod tests {
     /// nf_conn shaped like the kernel's: `tuplehash[2]` of 56-byte
     /// `nf_conntrack_tuple_hash` (list node, then the tuple), `status`, `ct_net`.
     fn conn_module(k: &MiniKernel, with_status: bool) -> Builder {
-        let mut m = Builder::split_of(&k.b);
-        let tuple = m.strukt("nf_conntrack_tuple", 40, &[("dst", k.ulong, 256, 0)]);
+        let (mut m, tuple) = conntrack_module(k);
         let hash = m.strukt(
             "nf_conntrack_tuple_hash",
             56,
@@ -1333,10 +1345,9 @@ mod tests {
     #[test]
     fn nf_conn_offsets_come_from_module_btf_together() {
         let kernel = mini_kernel(true);
-        let dir = TempDir::new("conn");
-        let vmlinux = dir.write("vmlinux", &kernel.b.bytes());
-        let nf = dir.write("nf_conntrack", &conn_module(&kernel, true).bytes());
-        let c = resolve_layout(&KernelBtf::load_from(&vmlinux, &[&nf]).unwrap()).unwrap();
+        let with_status = conn_module(&kernel, true);
+        let (_dir, btf) = kernel_from(&kernel.b, Some(&with_status), "conn");
+        let c = resolve_layout(&btf).unwrap();
         assert_eq!(
             (c.conn_tuple, c.conn_reply_tuple, c.conn_status),
             (16 + 16, 16 + 56 + 16, 128)
@@ -1344,8 +1355,9 @@ mod tests {
         assert_eq!((c.conn_net, c.hash_tuple), (136 + 8, 16));
         // Without the status the free path cannot tell confirmed entries:
         // none of the three is used then.
-        let nf = dir.write("nf_conntrack", &conn_module(&kernel, false).bytes());
-        let c = resolve_layout(&KernelBtf::load_from(&vmlinux, &[&nf]).unwrap()).unwrap();
+        let without = conn_module(&kernel, false);
+        let (_dir, btf) = kernel_from(&kernel.b, Some(&without), "conn-nostatus");
+        let c = resolve_layout(&btf).unwrap();
         assert_eq!((c.conn_tuple, c.conn_reply_tuple, c.conn_status), (0, 0, 0));
     }
 
@@ -1354,11 +1366,7 @@ mod tests {
     #[test]
     fn split_module_btf_on_top_of_base() {
         let kernel = mini_kernel(true);
-        let module = mini_module(&kernel);
-        let dir = TempDir::new("split");
-        let vmlinux = dir.write("vmlinux", &kernel.b.bytes());
-        let nf = dir.write("nf_conntrack", &module.bytes());
-        let btf = KernelBtf::load_from(&vmlinux, &[&nf]).unwrap();
+        let (dir, btf) = kernel_from(&kernel.b, Some(&mini_module(&kernel)), "split");
         assert_eq!(btf.modules().collect::<Vec<_>>(), ["nf_conntrack"]);
 
         // A module struct whose member types live in vmlinux.
@@ -1376,7 +1384,7 @@ mod tests {
 
         // Without the module, its facts are missing, and the error says where
         // it looked.
-        let bare = KernelBtf::load_from(&vmlinux, &[]).unwrap();
+        let bare = KernelBtf::load_from(&dir.0.join("vmlinux"), &[]).unwrap();
         let err = bare.member_offset("nf_conn.status").unwrap_err();
         assert!(matches!(err, BtfError::TypeNotFound { .. }), "{err:?}");
         let err = btf.member_offset("nf_conn2.status").unwrap_err();
@@ -1386,12 +1394,11 @@ mod tests {
     #[test]
     fn with_module_adds_present_and_skips_absent() {
         let kernel = mini_kernel(true);
-        let dir = TempDir::new("with_module");
-        let vmlinux = dir.write("vmlinux", &kernel.b.bytes());
-        dir.write("nf_conntrack", &mini_module(&kernel).bytes());
-        let btf = KernelBtf::load_from(&vmlinux, &[]).unwrap();
+        let (dir, _) = kernel_from(&kernel.b, Some(&mini_module(&kernel)), "with_module");
+        // vmlinux alone, the module only found in the directory.
+        let bare = || KernelBtf::load_from(&dir.0.join("vmlinux"), &[]).unwrap();
 
-        let btf = btf.with_module_in(&dir.0, "not_loaded").unwrap();
+        let btf = bare().with_module_in(&dir.0, "not_loaded").unwrap();
         assert_eq!(btf.modules().count(), 0);
         let btf = btf.with_module_in(&dir.0, "nf_conntrack").unwrap();
         assert_eq!(btf.member_offset("nf_conn.status").unwrap(), 72);
@@ -1401,10 +1408,7 @@ mod tests {
         assert_eq!(btf.modules().collect::<Vec<_>>(), ["nf_conntrack"]);
 
         for bad in ["", "../etc", "a/b", ".."] {
-            let err = KernelBtf::load_from(&vmlinux, &[])
-                .unwrap()
-                .with_module_in(&dir.0, bad)
-                .unwrap_err();
+            let err = bare().with_module_in(&dir.0, bad).unwrap_err();
             assert!(
                 matches!(err, BtfError::BadModuleName(_)),
                 "{bad:?}: {err:?}"

@@ -7,5 +7,6 @@ pub(crate) mod json;
 pub(crate) mod label;
 pub(crate) mod prometheus;
 pub(crate) mod snapshot;
+pub(crate) mod stream;
 pub(crate) mod text;
 pub(crate) mod top;

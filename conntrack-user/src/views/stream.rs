@@ -1,0 +1,157 @@
+//! The live stream of `ctwatch drops` and `ctwatch events`: one line per
+//! record, text or JSON, as long as a person can read them. Past
+//! `--max-lines` in a second the rest of that second's records get no line
+//! of their own; the second ends in one summary instead, counted from the
+//! kernel's exact counts rather than from the lines printed.
+use conntrack_ebpf::stat;
+
+use crate::{
+    aggregate::sampler::Sample,
+    names::resolver::Process,
+    source::records::{FlowRecord, Kind},
+    views::{json, text},
+};
+
+/// Rows per list in a summary: it stays one readable line.
+const SUMMARY_TOP: usize = 5;
+
+/// Lines printed within the current second, to switch the stream to
+/// summaries before a flood scrolls the terminal away.
+#[derive(Debug, Default)]
+struct LineBudget {
+    second: u64,
+    count: u64,
+}
+
+impl LineBudget {
+    /// Counts one line in `second`; whether it stays within `max`.
+    fn allows(&mut self, second: u64, max: u64) -> bool {
+        if second != self.second {
+            self.second = second;
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count <= max
+    }
+}
+
+/// The stream's state: what it prints, and how many lines this second.
+pub(crate) struct Stream {
+    json: bool,
+    all_kinds: bool,
+    max_lines: u64,
+    lines: LineBudget,
+    /// Drops printed one by one since the last summary.
+    shown: u64,
+    second: u64,
+    /// The kernel's lost and not-streamed totals at the last summary: a
+    /// summary reports one second's worth.
+    lost_before: u64,
+    not_streamed_before: u64,
+}
+
+impl Stream {
+    /// `all_kinds`: every kind of record (`events`), else drops only.
+    pub(crate) fn new(json: bool, all_kinds: bool, max_lines: u64) -> Self {
+        Stream {
+            json,
+            all_kinds,
+            max_lines,
+            lines: LineBudget::default(),
+            shown: 0,
+            second: 0,
+            lost_before: 0,
+            not_streamed_before: 0,
+        }
+    }
+
+    /// Whether `rec` gets a line of its own, counting it if so: asked
+    /// before its names are looked up, so a flood past the budget costs
+    /// no lookups.
+    pub(crate) fn admits(&mut self, rec: &FlowRecord) -> bool {
+        if !self.all_kinds && rec.kind != Kind::Drop {
+            return false;
+        }
+        if !self.lines.allows(self.second, self.max_lines) {
+            return false;
+        }
+        if rec.kind == Kind::Drop {
+            self.shown += 1;
+        }
+        true
+    }
+
+    /// The line of a record [`Stream::admits`] let through.
+    pub(crate) fn print(
+        &self,
+        rec: &FlowRecord,
+        netns_name: Option<String>,
+        interface: Option<String>,
+        owner: &Process,
+    ) {
+        if self.json {
+            println!(
+                "{}",
+                json::line(&json::DropLine::of(rec, netns_name, interface, owner))
+            );
+        } else {
+            println!(
+                "{}",
+                text::drop_line(rec, netns_name.as_deref(), interface.as_deref(), owner)
+            );
+        }
+    }
+
+    /// Ends the second with the sample taken at its end: a summary where
+    /// the kernel counted more drops than were printed one by one, else a
+    /// note on stderr if events were lost, which the lines cannot show.
+    pub(crate) fn end_second(&mut self, s: &Sample, top: usize) {
+        self.second += 1;
+        let drops: u64 = s.victims.iter().map(|c| c.fresh).sum();
+        let (lost, not_streamed) = (s.stats.get(stat::RB_LOST), s.stats.get(stat::SAMPLED));
+        let fresh_lost = lost - self.lost_before;
+        let fresh_not_streamed = not_streamed - self.not_streamed_before;
+        (self.lost_before, self.not_streamed_before) = (lost, not_streamed);
+        if drops > self.shown {
+            let line = json::SummaryLine::of(
+                s,
+                self.shown,
+                fresh_not_streamed,
+                fresh_lost,
+                top.min(SUMMARY_TOP),
+            );
+            if self.json {
+                println!("{}", json::line(&line));
+            } else {
+                println!("{}", text::summary_line(&line));
+            }
+        } else if fresh_lost > 0 {
+            eprintln!("ctwatch: {fresh_lost} events lost to a full ring buffer in the last second");
+        }
+        self.shown = 0;
+    }
+}
+
+/// The interface a record's line names: where its packet came in, else
+/// (a local packet has no input interface) where it was going out.
+pub(crate) fn interface_of(rec: &FlowRecord) -> u32 {
+    if rec.ifindex_in != 0 {
+        rec.ifindex_in
+    } else {
+        rec.ifindex_out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_budget_resets_each_second() {
+        let mut b = LineBudget::default();
+        assert!(b.allows(1, 2));
+        assert!(b.allows(1, 2));
+        assert!(!b.allows(1, 2));
+        assert!(b.allows(2, 2));
+    }
+}
