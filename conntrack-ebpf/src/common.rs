@@ -92,6 +92,34 @@ pub static GEN: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static INSERTED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// Words in [`SEEN`]: 2^17 bits, so a CPU that has counted 8,192 keys (its
+/// cap on a 2-CPU host) finds about one absent key in sixteen marked, and
+/// looks that one up for nothing.
+const SEEN_WORDS: usize = 2048;
+
+/// Per CPU, the keys this CPU counted in the current generation, as bits
+/// of a hash: a clear bit proves the key is not counted here, so past the
+/// cap it goes to `SPILL` without a map lookup. Cleared when the CPU sees
+/// a new generation, with its `INSERTED` count.
+#[map]
+static SEEN: PerCpuArray<[u64; SEEN_WORDS]> = PerCpuArray::with_max_entries(1, 0);
+
+/// The word and bit of `key` in [`SEEN`]: a multiplicative hash of its
+/// ten words, far cheaper than the map's own hash and lookup.
+#[inline(always)]
+fn seen_slot(key: &AggKey) -> (usize, u64) {
+    const _: () =
+        assert!(core::mem::size_of::<AggKey>() == 80 && core::mem::align_of::<AggKey>() == 8);
+    // SAFETY: `AggKey` is 80 bytes of plain integers, aligned to 8 (above).
+    let words: &[u64; 10] = unsafe { &*(key as *const AggKey as *const [u64; 10]) };
+    let mut h: u64 = 0;
+    for w in words {
+        h = (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    let b = (h >> 47) as usize;
+    ((b >> 6) & (SEEN_WORDS - 1), 1u64 << (b & 63))
+}
+
 /// Per-CPU occupancy by creation key: +1 on create, -1 on free (on whatever
 /// CPU frees it), so only the sum over CPUs is meaningful.
 #[map]
@@ -289,35 +317,48 @@ pub fn aggregate(ev: &FlowEvent) -> bool {
 }
 
 /// Adds one to `key` in the active count map, remembering the source port
-/// last seen for it. Past this CPU's cap of new keys for the
-/// generation, a new key is counted in `AGG_OVERFLOW` (reported as
-/// "other") without touching the map: cheap, and it never evicts a key
-/// that is already counted.
+/// last seen for it. Past this CPU's cap of new keys for the generation, a
+/// new key is counted in `AGG_OVERFLOW` (reported as "other") without
+/// touching the map: cheap, and it never evicts a key that is already
+/// counted. Past the cap, a key this CPU has not counted in this
+/// generation skips the map lookup too ([`SEEN`]): in a flood of new keys
+/// that lookup's cache misses were most of the drop path's cost.
 #[inline(always)]
 pub fn count_key(key: &AggKey, sport: u16) -> bool {
     let gen = GEN.get(0).copied().unwrap_or(0);
     let map = if gen & 1 == 0 { &COUNTS_A } else { &COUNTS_B };
+    let (Some(ins), Some(seen)) = (INSERTED.get_ptr_mut(0), SEEN.get_ptr_mut(0)) else {
+        return false;
+    };
+    // SAFETY: per-CPU map values; nothing else runs on this CPU meanwhile.
+    let (ins, seen) = unsafe { (&mut *ins, &mut *seen) };
+    if (*ins >> 32) as u32 != gen {
+        *ins = (gen as u64) << 32;
+        for w in seen.iter_mut() {
+            *w = 0;
+        }
+    }
+    let cap = conf!(count_cap) as u64;
+    let full = cap != 0 && (*ins & 0xffff_ffff) >= cap;
+    let (word, bit) = seen_slot(key);
+    if full && seen[word] & bit == 0 {
+        spill(key);
+        return false;
+    }
     if let Some(v) = map.get_ptr_mut(key) {
         unsafe {
             (*v).count += 1;
             (*v).sport = sport;
         }
+        seen[word] |= bit;
         return false;
     }
-    let Some(ins) = INSERTED.get_ptr_mut(0) else {
+    if full {
+        spill(key);
         return false;
-    };
-    let cap = conf!(count_cap) as u64;
-    unsafe {
-        if (*ins >> 32) as u32 != gen {
-            *ins = (gen as u64) << 32;
-        }
-        if cap != 0 && (*ins & 0xffff_ffff) >= cap {
-            spill(key);
-            return false;
-        }
-        *ins += 1;
     }
+    *ins += 1;
+    seen[word] |= bit;
     let v = AggValue {
         count: 1,
         sport,
