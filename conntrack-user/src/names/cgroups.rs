@@ -345,6 +345,31 @@ impl Cgroups {
         self.label_of_path(&path)
     }
 
+    /// Label of the pod or container that owns a network namespace, from
+    /// the processes in it (the first one's label): a pod when every one of
+    /// them is that pod's (its containers all share the namespace), a
+    /// container when every one is that container's. `None` when any of them runs outside
+    /// containers: that is the host's namespace, which hostNetwork pods and
+    /// `--network host` containers share, and naming one of them would
+    /// blame it for the whole node. `None` too when containers of different
+    /// pods or runtimes share it. Processes gone meanwhile are skipped.
+    pub fn label_of_netns(&mut self, pids: impl IntoIterator<Item = u32>) -> Option<String> {
+        let mut owner: Option<(String, Container)> = None;
+        for pid in pids {
+            let Some(path) = self.path_of_pid(pid) else {
+                continue;
+            };
+            let c = parse_path(&path)?;
+            match &owner {
+                None => owner = Some((path, c)),
+                Some((_, o)) if o.pod_uid.is_some() && o.pod_uid == c.pod_uid => {}
+                Some((_, o)) if o.pod_uid.is_none() && o.container == c.container => {}
+                Some(_) => return None,
+            }
+        }
+        self.label_of_path(&owner?.0)
+    }
+
     /// Label of the container a process runs in (cached for a while).
     pub fn label_of_pid(&mut self, pid: u32) -> Option<String> {
         if let Some(l) = self.pid_labels.fresh(&pid) {
@@ -519,6 +544,50 @@ mod tests {
         let before = cg.walked_at;
         assert_eq!(cg.path_of(u64::MAX), None);
         assert_eq!(cg.walked_at, before);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_namespace_is_a_containers_only_if_all_its_processes_are() {
+        let dir = std::env::temp_dir().join(format!("ctwatch-cgns-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let roots = fixture_roots(&dir);
+        fs::create_dir_all(roots.pod_logs.join(format!("shop_cart-5c_{UID}"))).unwrap();
+        let pod = |ctr: &str| {
+            format!(
+                "0::/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{ctr}.scope\n",
+                UID.replace('-', "_")
+            )
+        };
+        let other_id = ID.replace('3', "4");
+        for (pid, cgroup) in [
+            (1, "0::/init.scope\n".to_string()),
+            (10, pod(ID)),
+            (11, pod(&other_id)),
+            (20, format!("0::/system.slice/docker-{ID}.scope\n")),
+            (21, format!("0::/system.slice/docker-{other_id}.scope\n")),
+        ] {
+            fs::create_dir_all(roots.proc.join(pid.to_string())).unwrap();
+            fs::write(roots.proc.join(format!("{pid}/cgroup")), cgroup).unwrap();
+        }
+        let mut cg = Cgroups::new(roots);
+        // A pod's namespace: its containers (pause and app) share it, and a
+        // process gone meanwhile (99) changes nothing.
+        assert_eq!(
+            cg.label_of_netns([10, 99, 11]).as_deref(),
+            Some("pod shop/cart-5c 3f2a1b9c8d7e")
+        );
+        assert_eq!(
+            cg.label_of_netns([20]).as_deref(),
+            Some("docker 3f2a1b9c8d7e")
+        );
+        // The host's namespace, which a hostNetwork pod shares: nobody's.
+        assert_eq!(cg.label_of_netns([1, 10]), None);
+        assert_eq!(cg.label_of_netns([10, 1]), None);
+        // Two containers of different owners: neither's.
+        assert_eq!(cg.label_of_netns([20, 21]), None);
+        assert_eq!(cg.label_of_netns([10, 20]), None);
+        assert_eq!(cg.label_of_netns([99]), None, "no process left");
         let _ = fs::remove_dir_all(&dir);
     }
 }

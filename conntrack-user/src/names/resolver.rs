@@ -211,13 +211,14 @@ impl Resolver {
             return c.clone();
         }
         let found = fs::read_dir("/proc").ok().and_then(|d| {
-            d.flatten()
+            let pids = d
+                .flatten()
                 .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
                 .filter(|pid| {
                     fs::metadata(format!("/proc/{pid}/ns/net"))
                         .is_ok_and(|m| m.ino() as u32 == inum)
-                })
-                .find_map(|pid| self.cgroups.label_of_pid(pid))
+                });
+            self.cgroups.label_of_netns(pids)
         });
         self.ns_containers.put(inum, found.clone());
         found
