@@ -4,9 +4,10 @@
 //! task imply (namespace, interface, socket inode, comm, cgroup), since a
 //! flood repeats them on every packet.
 use aya_ebpf::{
+    cty::c_void,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf,
-        generated::bpf_get_current_cgroup_id,
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_cgroup_id, bpf_probe_read_kernel},
     },
     macros::map,
     maps::PerCpuArray,
@@ -19,8 +20,12 @@ use crate::common::{conf, net_inum, rd, sock_ino};
 /// reused for another namespace is then misattributed for at most this long.
 const CACHE_NS: u64 = 1_000_000_000;
 
+/// The span, as words: the fields are naturally aligned in `sk_buff` and
+/// the span starts 8-aligned (userspace checks both), so each is a shift of
+/// one word, where an unaligned read of a byte buffer compiled to a load,
+/// shift and or per byte.
 #[map]
-static SPAN: PerCpuArray<[u8; SKB_SPAN]> = PerCpuArray::with_max_entries(1, 0);
+static SPAN: PerCpuArray<[u64; SKB_SPAN / 8]> = PerCpuArray::with_max_entries(1, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -67,14 +72,15 @@ pub struct Fields {
     pub refdst: u64,
 }
 
+/// The word-aligned bytes of the span at `off`, shifted down: the field's
+/// value in its low bits (little-endian target).
 #[inline(always)]
-fn at<T: Copy + Default>(b: &[u8; SKB_SPAN], off: u32, base: u32) -> T {
+fn at(b: &[u64; SKB_SPAN / 8], off: u32, base: u32) -> u64 {
     let i = off.wrapping_sub(base) as usize;
-    if i > SKB_SPAN - core::mem::size_of::<T>() {
-        return T::default();
+    match b.get(i >> 3) {
+        Some(w) => *w >> ((i & 7) * 8),
+        None => 0,
     }
-    // SAFETY: `i + size_of::<T>() <= SKB_SPAN`, checked above.
-    unsafe { (b.as_ptr().add(i) as *const T).read_unaligned() }
 }
 
 /// Reads the fields, in one read when userspace found they fit in one span.
@@ -85,13 +91,22 @@ pub fn fields(skb: u64) -> Result<Fields, i32> {
         let p = SPAN.get_ptr_mut(0).ok_or(-12)?;
         // SAFETY: a per-CPU map value; nothing else runs on this CPU meanwhile.
         let b = unsafe { &mut *p };
-        unsafe { bpf_probe_read_kernel_buf((skb + base as u64) as *const u8, b)? };
+        let ret = unsafe {
+            bpf_probe_read_kernel(
+                b.as_mut_ptr() as *mut c_void,
+                SKB_SPAN as u32,
+                (skb + base as u64) as *const c_void,
+            )
+        };
+        if ret != 0 {
+            return Err(ret as i32);
+        }
         return Ok(Fields {
             nfct: at(b, conf!(skb_nfct), base),
             sk: at(b, conf!(skb_sk), base),
             dev: at(b, conf!(skb_dev), base),
             head: at(b, conf!(skb_head), base),
-            network_header: at(b, conf!(skb_network_header), base),
+            network_header: at(b, conf!(skb_network_header), base) as u16,
             refdst: at(b, conf!(skb_refdst), base),
         });
     }

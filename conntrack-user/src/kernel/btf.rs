@@ -599,11 +599,16 @@ pub fn resolve_layout(btf: &KernelBtf) -> Result<Config, BtfError> {
 }
 
 /// Where one read of [`SKB_SPAN`] bytes covers every `(offset, size)` the
-/// drop path reads, or `u32::MAX` when they are too far apart.
+/// drop path reads, or `u32::MAX` when they are too far apart or one is
+/// not naturally aligned (the program takes each field out of one aligned
+/// word of the span).
 fn skb_span(fields: &[(u32, u32)]) -> u32 {
     let start = fields.iter().map(|(o, _)| o & !7).min().unwrap_or(0);
     let end = fields.iter().map(|(o, n)| o + n).max().unwrap_or(0);
-    if (end - start) as usize <= SKB_SPAN {
+    let aligned = fields
+        .iter()
+        .all(|&(o, n)| matches!(n, 1 | 2 | 4 | 8) && o % n == 0);
+    if aligned && (end - start) as usize <= SKB_SPAN {
         start
     } else {
         u32::MAX
@@ -1315,8 +1320,10 @@ mod tests {
     #[test]
     fn skb_span_covers_every_field_or_gives_up() {
         assert_eq!(skb_span(&[(16, 8), (24, 8), (200, 8)]), 16);
-        assert_eq!(skb_span(&[(18, 2), (250, 8)]), 16, "starts 8-aligned");
+        assert_eq!(skb_span(&[(18, 2), (264, 8)]), 16, "starts 8-aligned");
         assert_eq!(skb_span(&[(0, 8), (300, 8)]), u32::MAX);
+        assert_eq!(skb_span(&[(16, 8), (27, 2)]), u32::MAX, "misaligned u16");
+        assert_eq!(skb_span(&[(16, 8), (20, 8)]), u32::MAX, "misaligned u64");
     }
 
     /// nf_conn shaped like the kernel's: `tuplehash[2]` of 56-byte
