@@ -93,13 +93,19 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 
 /// selects while userspace drains the other one, so a refresh reads only
 /// the keys that changed and no key lives longer than two refreshes.
 /// Preallocated (LRU maps always are): a new key allocates nothing. Sized
-/// by userspace from the CPU count.
+/// by userspace from the CPU count. One LRU list per CPU, each with that
+/// CPU's share of the elements: a CPU that inserts no more than its share
+/// (`count_cap`) never makes the map evict a counted key, where with one
+/// shared list a CPU short of free elements evicts even while others still
+/// hold some.
 #[map]
 pub static COUNTS_A: LruPerCpuHashMap<AggKey, AggValue> =
-    LruPerCpuHashMap::with_max_entries(16384, 0);
+    LruPerCpuHashMap::with_max_entries(16384, BPF_F_NO_COMMON_LRU);
 #[map]
 pub static COUNTS_B: LruPerCpuHashMap<AggKey, AggValue> =
-    LruPerCpuHashMap::with_max_entries(16384, 0);
+    LruPerCpuHashMap::with_max_entries(16384, BPF_F_NO_COMMON_LRU);
+
+const BPF_F_NO_COMMON_LRU: u32 = 2;
 
 /// [0]: the generation; even selects `COUNTS_A`, odd `COUNTS_B`. Written
 /// by userspace only.
@@ -284,8 +290,8 @@ pub fn now_ns() -> u64 {
 }
 
 /// The clock read at most once per tick and CPU. Budget windows and cache
-/// ages need no finer time; reading the clocksource on every drop cost, in
-/// the profile in docs/benchmarks.md, about a tenth of the drop path, and
+/// ages need no finer time; a clocksource read on every drop is slow in a
+/// VM (`read_tsc` showed in the drop path's profile), and
 /// `bpf_ktime_get_coarse_ns` is refused to tracing programs.
 #[inline(always)]
 pub fn coarse_ns() -> u64 {
@@ -340,7 +346,9 @@ pub fn aggregate(ev: &FlowEvent) -> bool {
 /// touching the map: cheap, and it never evicts a key that is already
 /// counted. Past the cap, a key this CPU has not counted in this
 /// generation skips the map lookup too ([`SEEN`]): in a flood of new keys
-/// that lookup's cache misses were most of the drop path's cost.
+/// that lookup's cache misses were most of the drop path's cost. So a key
+/// another CPU counts goes to "other" for its drops on a CPU past its cap;
+/// the totals stay exact either way.
 #[inline(always)]
 pub fn count_key(key: &AggKey, sport: u16) -> bool {
     let gen = GEN.get(0).copied().unwrap_or(0);
@@ -376,11 +384,13 @@ pub fn count_key(key: &AggKey, sport: u16) -> bool {
     }
     *ins += 1;
     seen[word] |= bit;
-    let v = AggValue {
-        count: 1,
-        sport,
-        _pad: [0; 6],
-    };
+    const _: () = assert!(
+        core::mem::size_of::<AggValue>() == 16 && core::mem::offset_of!(AggValue, sport) == 8
+    );
+    // Built from words: a `[0; 6]` field is filled by a call to the
+    // object's byte-loop memset. Little-endian: `sport`, then zeroes.
+    // SAFETY: `AggValue` is two words of plain integers (above).
+    let v: AggValue = unsafe { core::mem::transmute::<[u64; 2], AggValue>([1, sport as u64]) };
     if map.insert(key, &v, 0).is_ok() {
         return true;
     }

@@ -304,11 +304,29 @@ impl Netns {
         peer
     }
 
+    /// [`Netns::peer_run`] pinned to one CPU: traffic it sends through a
+    /// veth is then received, and dropped, on that CPU.
+    pub fn peer_run_on_cpu(&self, cpu: usize, args: &[&str]) -> (u32, String) {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = self.ctpeer_command(None, args);
+        // SAFETY: only an async-signal-safe syscall between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut set = nix::sched::CpuSet::new();
+                set.set(cpu).map_err(std::io::Error::from)?;
+                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        Self::wait_peer(cmd, None, args)
+    }
+
     fn run_peer(&self, cgroup: Option<&Path>, args: &[&str]) -> (u32, String) {
-        let child = self
-            .ctpeer_command(cgroup, args)
-            .spawn()
-            .expect("spawn ctpeer");
+        Self::wait_peer(self.ctpeer_command(cgroup, args), cgroup, args)
+    }
+
+    fn wait_peer(mut cmd: Command, cgroup: Option<&Path>, args: &[&str]) -> (u32, String) {
+        let child = cmd.spawn().expect("spawn ctpeer");
         let pid = child.id();
         let out = child.wait_with_output().expect("ctpeer");
         assert!(

@@ -225,8 +225,8 @@ const FIRST_BUDGET: u32 = 4096;
 /// Keys per count map. A flood of new keys looks every drop up in the
 /// active map, so the map's size is the drop path's cache footprint: at
 /// 65,536 keys those lookups missed the cache and the program cost about
-/// 1.7 times what it costs at 16,384 (docs/benchmarks.md), which still
-/// holds an ordinary incident's keys for a refresh. Values are
+/// 1.4 times what it costs at 16,384 (bpf_stats, in a flood of new keys),
+/// which still holds an ordinary incident's keys for a refresh. Values are
 /// preallocated per CPU, so hosts with many CPUs get fewer keys: at most
 /// about 16 MiB per map.
 fn count_capacity() -> u32 {
@@ -244,7 +244,9 @@ fn count_capacity() -> u32 {
 /// into the reader twice (wrap-around), all of it resident: at a fixed
 /// 16 MiB it was half of `serve`'s peak RSS on a 2-CPU host.
 fn ring_bytes() -> u32 {
-    (cpus() << 20).next_power_of_two().clamp(2 << 20, 16 << 20)
+    (cpus().min(16) << 20)
+        .next_power_of_two()
+        .clamp(2 << 20, 16 << 20)
 }
 
 /// Possible CPUs: per-CPU maps hold a value for each.

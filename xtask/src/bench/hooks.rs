@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use super::{
     fmt_rate, mmm,
     netns::{self, in_ns, Proc, Topology, C_ADDR, MAX, NS_C, NS_S, S_ADDR},
+    profile,
     progs::{self, EmptyProgs, ProgStat},
     Target, Tools,
 };
@@ -443,6 +444,22 @@ pub fn run(
             r.stats = progs::delta(&baseline, &before, &after);
             r.stats_datagrams = out.datagrams;
         }
+        // Where the time goes, for the table-full traffics the targets are about.
+        let mut profiles: Vec<(&str, profile::Profile)> = Vec::new();
+        let perf_missing = profile::unavailable();
+        if t.check == Check::KernelDrops && perf_missing.is_none() {
+            for arm in [Arm::A1, Arm::A2] {
+                if res[&arm].unavailable.is_some() {
+                    continue;
+                }
+                let baseline = progs::ctw_programs()?;
+                let running = start(arm, tools, &mut banners)?;
+                std::thread::sleep(Duration::from_millis(500));
+                let p = profile::record(t.ns, &t.command(&ctpeer, ms), &std::env::temp_dir());
+                stop(running, &baseline)?;
+                profiles.push((arm.label(), p?));
+            }
+        }
         let load1 = loadavg();
 
         // The section.
@@ -544,6 +561,16 @@ pub fn run(
         }
         let _ = writeln!(doc);
         if t.check == Check::KernelDrops {
+            match &perf_missing {
+                None => {
+                    let arms: Vec<(&str, &profile::Profile)> =
+                        profiles.iter().map(|(l, p)| (*l, p)).collect();
+                    doc.push_str(&profile::section(&arms, 12));
+                }
+                Some(why) => {
+                    let _ = writeln!(doc, "No profile: {why}.\n");
+                }
+            }
             targets.extend(judge(&t, &ratio_of));
         }
     }
@@ -591,6 +618,7 @@ fn judge(t: &Traffic, ratio: &BTreeMap<Arm, f64>) -> Vec<Target> {
                     (0.93 - r2) * 100.0
                 )
             },
+            drop_path: true,
         });
         if let Some(&r1) = ratio.get(&Arm::A1) {
             let own = 1.0 - r2;
@@ -606,6 +634,7 @@ fn judge(t: &Traffic, ratio: &BTreeMap<Arm, f64>) -> Vec<Target> {
                 } else {
                     format!("missed by {:.3}", own - 2.0 * bare)
                 },
+                drop_path: true,
             });
         }
     }
