@@ -873,23 +873,13 @@ fn deploy_file(file: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Every document of `deploy/daemonset.yaml` (serde_yaml's `from_str`
-/// takes one).
+/// Every document of `deploy/daemonset.yaml`.
 pub fn deploy_manifests() -> Vec<serde_yaml::Value> {
+    use serde::Deserialize;
     let text = deploy_file("daemonset.yaml");
-    let mut docs = vec![String::new()];
-    for line in text.lines() {
-        if line.trim_end() == "---" {
-            docs.push(String::new());
-        } else if let Some(d) = docs.last_mut() {
-            d.push_str(line);
-            d.push('\n');
-        }
-    }
-    docs.iter()
+    serde_yaml::Deserializer::from_str(&text)
         .map(|d| {
-            serde_yaml::from_str::<serde_yaml::Value>(d)
-                .unwrap_or_else(|e| panic!("daemonset.yaml: {e}"))
+            serde_yaml::Value::deserialize(d).unwrap_or_else(|e| panic!("daemonset.yaml: {e}"))
         })
         .filter(|d| !d.is_null())
         .collect()
