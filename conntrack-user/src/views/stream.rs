@@ -154,4 +154,33 @@ mod tests {
         assert!(!b.allows(1, 2));
         assert!(b.allows(2, 2));
     }
+
+    fn record(k: u8) -> FlowRecord {
+        let mut ev = conntrack_ebpf::FlowEvent {
+            kind: k,
+            role: conntrack_ebpf::role::INBOUND,
+            ..Default::default()
+        };
+        ev.tuple.family = conntrack_ebpf::FAMILY_V4;
+        ev.tuple.proto = 17;
+        crate::source::records::decode(&ev).unwrap()
+    }
+
+    #[test]
+    fn drops_get_lines_up_to_the_budget_and_other_kinds_only_in_events() {
+        use conntrack_ebpf::kind;
+        let (drop, new) = (record(kind::DROP), record(kind::NEW));
+        let mut drops = Stream::new(false, false, 2);
+        assert!(!drops.admits(&new), "drops shows drops only");
+        assert!(drops.admits(&drop));
+        assert!(drops.admits(&drop));
+        assert!(!drops.admits(&drop), "past --max-lines");
+        assert_eq!(drops.shown, 2, "a summary says how many were shown");
+
+        let mut events = Stream::new(false, true, 2);
+        assert!(events.admits(&new));
+        assert!(events.admits(&drop));
+        assert!(!events.admits(&drop));
+        assert_eq!(events.shown, 1, "only drops count against the summary");
+    }
 }
