@@ -610,8 +610,12 @@ struct Pods {
     pod_cgroup: Cgroup,
     docker_cgroup: Cgroup,
     _logs: PodLogs,
-    /// `pod <namespace>/<name> <container id, 12 digits>`: ctwatch's label.
+    /// `pod <namespace>/<name> <container id, 12 digits>`: ctwatch's label
+    /// of the pod's container.
     pod_label: String,
+    /// `pod <namespace>/<name>`: the pod, as `by_pod` and the namespace are
+    /// named.
+    pod_key: String,
     docker_label: String,
 }
 
@@ -628,6 +632,7 @@ impl Pods {
         let logs = PodLogs::new("ctwatch-test", &name, &uid, "client");
         Pods {
             pod_label: format!("pod ctwatch-test/{name} {}", &pod_ctr[..12]),
+            pod_key: format!("pod ctwatch-test/{name}"),
             docker_label: format!("docker {}", &docker_ctr[..12]),
             pod_cgroup,
             docker_cgroup,
@@ -689,7 +694,7 @@ fn pods_and_containers_are_named_at_both_ends() {
     assert_eq!(by_pod.len(), 1, "{r}");
     assert_eq!(
         (&by_pod[0]["key"], &by_pod[0]["count"]),
-        (&pod.as_str().into(), &N.into())
+        (&pods.pod_key.as_str().into(), &N.into())
     );
 
     // Who holds the table: the pod's client, every entry of it.
@@ -702,7 +707,7 @@ fn pods_and_containers_are_named_at_both_ends() {
     assert_eq!(by_pod.len(), 1, "{r}");
     assert_eq!(
         (&by_pod[0]["key"], &by_pod[0]["count"]),
-        (&pod.as_str().into(), &MAX.into())
+        (&pods.pod_key.as_str().into(), &MAX.into())
     );
     let to = row_of(&r, "occupancy", "by_service", hold.pid);
     assert_names(to, hold.pid, &t.srv, "occupancy.by_service");
@@ -742,7 +747,7 @@ fn serve_exports_pods_and_containers() {
         series(
             text,
             "ctwatch_entries_by",
-            &[("dimension", "pod"), ("key", pod)],
+            &[("dimension", "pod"), ("key", &pods.pod_key)],
         )
     };
     // The client starts once serve has named the held entries, having read
@@ -765,7 +770,11 @@ fn serve_exports_pods_and_containers() {
     // a later refresh (tables are re-read at most twice a second).
     poll_until(Duration::from_secs(15), || {
         text = scrape_metrics(&addr);
-        series(&text, drops, &[("dimension", "pod"), ("key", pod)]) == Some(N as f64)
+        series(
+            &text,
+            drops,
+            &[("dimension", "pod"), ("key", &pods.pod_key)],
+        ) == Some(N as f64)
             && series(
                 &text,
                 drops,
@@ -775,7 +784,11 @@ fn serve_exports_pods_and_containers() {
     });
     let n = Some(N as f64);
     assert_eq!(
-        series(&text, drops, &[("dimension", "pod"), ("key", pod)]),
+        series(
+            &text,
+            drops,
+            &[("dimension", "pod"), ("key", &pods.pod_key)]
+        ),
         n,
         "{text}"
     );
@@ -875,10 +888,16 @@ fn a_client_gone_before_the_lookup_keeps_its_address_and_namespace() {
     let shot = format!("(no socket) {}", t.client(0).addr);
     for row in rows(&r, "drops", "by_origin") {
         assert_eq!(row["netns"], t.client(0).ns.inum(), "{r}");
-        assert_eq!(row["container"], pods.pod_label.as_str(), "{r}");
         let named = row["key"] == "ctpeer" && row["pid"] == shooter;
         let unnamed = row["key"] == shot.as_str() && row.get("pid").is_none();
         assert!(named || unnamed, "{row}: {r}");
+        // A named sender's container; else the pod that owns its namespace.
+        let container = if named {
+            &pods.pod_label
+        } else {
+            &pods.pod_key
+        };
+        assert_eq!(row["container"], container.as_str(), "{r}");
     }
     let service = rows(&r, "drops", "by_service");
     assert_names(&service[0], listener.pid, &t.srv, "by_service");
@@ -886,5 +905,5 @@ fn a_client_gone_before_the_lookup_keeps_its_address_and_namespace() {
     // The flows came from the client's pod, never the server's container.
     let by_pod = rows(&r, "drops", "by_pod");
     assert_eq!(by_pod.len(), 1, "{r}");
-    assert_eq!(by_pod[0]["key"], pods.pod_label.as_str(), "{r}");
+    assert_eq!(by_pod[0]["key"], pods.pod_key.as_str(), "{r}");
 }

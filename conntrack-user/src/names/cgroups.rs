@@ -346,8 +346,8 @@ impl Cgroups {
     }
 
     /// Label of the pod or container that owns a network namespace, from
-    /// the processes in it (the first one's label): a pod when every one of
-    /// them is that pod's (its containers all share the namespace), a
+    /// the processes in it: the pod (without a container id) when every one
+    /// of them is that pod's, as its containers all share the namespace; a
     /// container when every one is that container's. `None` when any of them runs outside
     /// containers: that is the host's namespace, which hostNetwork pods and
     /// `--network host` containers share, and naming one of them would
@@ -368,6 +368,7 @@ impl Cgroups {
             }
         }
         self.label_of_path(&owner?.0)
+            .map(|l| pod_of(&l).to_string())
     }
 
     /// Label of the container a process runs in (cached for a while).
@@ -378,6 +379,16 @@ impl Cgroups {
         let label = self.path_of_pid(pid).and_then(|p| self.label_of_path(&p));
         self.pid_labels.put(pid, label.clone());
         label
+    }
+}
+
+/// The pod a label from [`Cgroups::label_of_path`] belongs to: `pod
+/// ns/name` without its container id, since a pod's containers share one
+/// namespace and one answer to "which pod?"; any other label whole.
+pub fn pod_of(label: &str) -> &str {
+    match label.strip_prefix("pod ").and_then(|rest| rest.find(' ')) {
+        Some(end) => &label[.."pod ".len() + end],
+        None => label,
     }
 }
 
@@ -548,6 +559,14 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_is_its_label_without_the_container() {
+        assert_eq!(pod_of("pod shop/cart-5c 3f2a1b9c8d7e"), "pod shop/cart-5c");
+        assert_eq!(pod_of("pod shop/cart-5c"), "pod shop/cart-5c");
+        assert_eq!(pod_of("docker redis"), "docker redis");
+        assert_eq!(pod_of("containerd 3f2a1b9c8d7e"), "containerd 3f2a1b9c8d7e");
+    }
+
+    #[test]
     fn a_namespace_is_a_containers_only_if_all_its_processes_are() {
         let dir = std::env::temp_dir().join(format!("ctwatch-cgns-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -575,7 +594,7 @@ mod tests {
         // process gone meanwhile (99) changes nothing.
         assert_eq!(
             cg.label_of_netns([10, 99, 11]).as_deref(),
-            Some("pod shop/cart-5c 3f2a1b9c8d7e")
+            Some("pod shop/cart-5c")
         );
         assert_eq!(
             cg.label_of_netns([20]).as_deref(),

@@ -3,7 +3,12 @@
 //! lookup goes through the stage's one cache policy ([`super::cache`]).
 use std::{fs, net::IpAddr, os::unix::fs::MetadataExt};
 
-use super::{cache::Cache, cgroups::Cgroups, endpoints::Endpoints, sockets::Sockets};
+use super::{
+    cache::Cache,
+    cgroups::{pod_of, Cgroups},
+    endpoints::Endpoints,
+    sockets::Sockets,
+};
 use crate::source::{
     netns::{self, NetnsInfo},
     records::{AggRecord, Kind, Role},
@@ -79,13 +84,14 @@ pub(crate) struct Flow {
 }
 
 impl Flow {
-    /// The pod or container a flow belongs to: its origin's when the origin
-    /// runs on this host, else its destination's.
+    /// The pod (or container, outside Kubernetes) a flow belongs to: its
+    /// origin's when the origin runs on this host, else its destination's.
     pub(crate) fn pod(&self) -> Option<&str> {
         match self.origin.netns {
             Some(_) => self.origin.container.as_deref(),
             None => self.service.container.as_deref(),
         }
+        .map(pod_of)
     }
 }
 
