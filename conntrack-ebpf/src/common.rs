@@ -7,7 +7,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use conntrack_ebpf::{stat, AggKey, AggValue, Config, FlowEvent, FlowTuple, FAMILY_V4, FAMILY_V6};
+use conntrack_ebpf::{
+    stat, AggKey, AggValue, Config, FlowEvent, FlowTuple, FAMILY_V4, FAMILY_V6, RETURN_STALE_NS,
+};
 
 /// Written by userspace before load (offsets from BTF); zero means "not set".
 #[unsafe(no_mangle)]
@@ -538,12 +540,13 @@ pub fn emit(ev: &FlowEvent) {
 const WAKEUP_NS: u64 = 5_000_000;
 
 /// Per-CPU early_drop state: [0] = `tag()` while inside early_drop, so
-/// the frees inside it are evictions.
+/// the frees inside it are evictions; [1] when it entered (ns). Still set
+/// at the next entry, or stale, it is a return the kernel never reported.
 #[map]
-pub static EARLY: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+pub static EARLY: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
 /// Per-CPU argument stash for kprobe entry → kretprobe exit pairs:
-/// [3..5] `nf_ct_resolve_clash` (tag, skb, h).
+/// [3..5] `nf_ct_resolve_clash` (tag, skb, h), [6] when it entered (ns).
 #[map]
 pub static ARGS: PerCpuArray<u64> = PerCpuArray::with_max_entries(8, 0);
 
@@ -593,6 +596,10 @@ pub struct ConfirmFrame {
     /// The entry attached at entry (0: nothing to insert); the skb carries
     /// another one on return when a clash was resolved to the winner.
     pub ct: u64,
+    /// When the call entered (ns): a frame older than `RETURN_STALE_NS`
+    /// is one whose return the kernel never reported. Read by userspace
+    /// as `[u64; 4]`, so it stays the last of four words.
+    pub ts: u64,
 }
 
 /// Calls of one CPU still inside `__nf_conntrack_confirm`, a stack of
@@ -611,16 +618,64 @@ static CONFIRM_TOP: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 const CONFIRM_DEPTH: u32 = 4;
 
+// Missed returns are counted here, from the frames they leave behind, and
+// not from the kernel's own `missed` count of a perf kprobe link: that one
+// is readable only from 6.7 (`bpf_link_info.perf_event.kprobe.missed`), so
+// 5.10 and 6.1, half the kernels ctwatch is tested on, would report
+// "unknown". Frames work from 5.10 and cost nothing per established
+// packet: the hook runs once per new entry.
+//
+// The kprobe pushes a frame on every call and the kretprobe pops one on
+// every return, so a call whose return the kernel dropped leaves its frame
+// behind. Calls nest on a CPU only through softirqs run inside an outer
+// call, which end long before `RETURN_STALE_NS`; frames are pushed in time
+// order, so the stale ones are at the bottom. Each push discards them and
+// counts each in `MISSED_CONFIRM`; userspace adds those still waiting for
+// a push on their CPU. A stack that is full of fresh frames cannot be a
+// real nesting either: its oldest frame goes, counted the same way. Thus
+// frames pushed = frames popped + frames counted + frames live, which
+// makes `MISSED_CONFIRM` equal the kprobe's runs minus the kretprobe's
+// once no call is live and the last miss is a second old.
 #[inline(always)]
 pub fn confirm_push(skb: u64, ct: u64) {
     let Some(depth) = CONFIRM_TOP.get_ptr_mut(0) else {
         return;
     };
     let depth = unsafe { &mut *depth };
-    if *depth >= CONFIRM_DEPTH {
-        // Only returns the kernel missed (kretprobe instances exhausted)
-        // pile up this deep: start over rather than stop tracking.
+    let now = now_ns();
+    if *depth > CONFIRM_DEPTH {
         *depth = 0;
+    }
+    let mut stale: u32 = 0;
+    for i in 0..CONFIRM_DEPTH {
+        if i >= *depth {
+            break;
+        }
+        match CONFIRM_FRAMES.get(i) {
+            Some(f) if now.wrapping_sub(f.ts) > RETURN_STALE_NS => stale += 1,
+            _ => break,
+        }
+    }
+    if stale == 0 && *depth == CONFIRM_DEPTH {
+        stale = 1;
+    }
+    if stale > 0 {
+        for i in 0..CONFIRM_DEPTH {
+            if i + stale >= *depth {
+                break;
+            }
+            let (Some(from), Some(to)) = (
+                CONFIRM_FRAMES.get(i + stale).copied(),
+                CONFIRM_FRAMES.get_ptr_mut(i),
+            ) else {
+                break;
+            };
+            unsafe { *to = from };
+        }
+        *depth = depth.saturating_sub(stale);
+        if let Some(p) = STATS.get_ptr_mut(stat::MISSED_CONFIRM) {
+            unsafe { *p += stale as u64 };
+        }
     }
     if let Some(f) = CONFIRM_FRAMES.get_ptr_mut(*depth) {
         unsafe {
@@ -628,10 +683,11 @@ pub fn confirm_push(skb: u64, ct: u64) {
                 tag: tag(),
                 skb,
                 ct,
+                ts: now,
             }
         };
+        *depth += 1;
     }
-    *depth += 1;
 }
 
 /// The frame of the call returning now, if it is this context's.

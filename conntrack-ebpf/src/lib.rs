@@ -70,8 +70,26 @@ pub mod stat {
     /// Records not streamed because of `Config::stream_budget` (counted in
     /// the maps all the same).
     pub const SAMPLED: u32 = 12;
+    /// Calls of `__nf_conntrack_confirm` whose return the kernel never
+    /// reported (kretprobe instances exhausted): each is an entry creation
+    /// that no count saw. Counted from per-CPU frames left behind longer
+    /// than [`RETURN_STALE_NS`](crate::RETURN_STALE_NS).
+    pub const MISSED_CONFIRM: u32 = 13;
+    /// Calls of `early_drop` whose return never came: a table-full drop
+    /// (or a failed eviction) that may be missing from the counts.
+    pub const MISSED_EARLY_DROP: u32 = 14;
+    /// Calls of `nf_ct_resolve_clash` whose return never came: a clash
+    /// that may be missing from the counts.
+    pub const MISSED_CLASH: u32 = 15;
     pub const COUNT: u32 = 16;
 }
+
+/// Age past which a probe's entry state that its kretprobe never cleared
+/// is a missed return, not a call still running. A live call lasts
+/// microseconds, nested softirqs included (they end after 2 ms of work);
+/// a second leaves room for a stalled vCPU under emulation. Shared with
+/// userspace, which counts the frames still waiting to be found stale.
+pub const RETURN_STALE_NS: u64 = 1_000_000_000;
 
 /// Address family values used in [`FlowTuple::family`].
 pub const FAMILY_V4: u8 = 4;
@@ -160,7 +178,8 @@ pub struct AggValue {
 pub struct Config {
     /// `SKB_DROP_REASON_NETFILTER_DROP` on this kernel.
     pub reason_netfilter_drop: u32,
-    /// Userspace asked for `kind::NEW` events on the ring buffer.
+    /// Userspace asked for every `kind::NEW` event on the ring buffer
+    /// (within the budget), not only the first of each key.
     pub stream_new: u32,
     pub skb_nfct: u32,
     pub skb_sk: u32,

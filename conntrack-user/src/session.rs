@@ -42,7 +42,8 @@ impl From<LoadError> for SessionError {
 /// What the kernel streams on the ring buffer.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Streaming {
-    /// One record per new conntrack entry too (kernel-probe modes).
+    /// One record per new conntrack entry (kernel-probe modes), not only
+    /// the first of each key.
     pub(crate) new_entries: bool,
     /// Records per second per CPU beyond the first of each key; the
     /// counts come from the in-kernel maps whatever this is.

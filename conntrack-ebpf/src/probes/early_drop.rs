@@ -15,10 +15,21 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 
-use crate::common::{now_ns, slot_get, slot_set, tag, EARLY, FULL};
+use conntrack_ebpf::stat;
+
+use crate::common::{bump, now_ns, slot_get, slot_set, tag, EARLY, FULL};
 
 #[kprobe]
 pub fn ctw_edrop_kp(ctx: ProbeContext) -> u32 {
+    // Still set: the previous call's return never came (kretprobe
+    // instances exhausted), so whether its packet was dropped is unknown.
+    // A nested early_drop (a softirq in the outer one's
+    // `local_bh_enable()`) would count once too; it needs a full table
+    // hit from both contexts at once, and one slot cannot tell them apart.
+    if slot_get(&EARLY, 0) != 0 {
+        bump(stat::MISSED_EARLY_DROP);
+    }
+    slot_set(&EARLY, 1, now_ns());
     slot_set(&EARLY, 0, tag());
     slot_set(&FULL, 0, ctx.arg::<u64>(0).unwrap_or(0));
     0

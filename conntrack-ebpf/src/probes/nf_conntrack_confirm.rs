@@ -112,7 +112,10 @@ fn on_confirmed(skb: u64, ct: u64, ret: u32) -> Result<(), i32> {
     bump(stat::INSERTS);
     let first = aggregate(ev);
     occupy(&key_of(ev), 1);
-    if conf!(stream_new) != 0 {
+    // A key's first record goes out whatever was asked for, as drops' do:
+    // its owner is named while it lives, and its reply tuple tells the
+    // names stage where NAT sent the key's destination.
+    if first || conf!(stream_new) != 0 {
         emit_budgeted(ev, first);
     }
     Ok(())

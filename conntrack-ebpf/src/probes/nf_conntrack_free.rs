@@ -7,7 +7,7 @@
 //! read of `struct nf_conn`); older ones are read once to update the
 //! seeded counts.
 use aya_ebpf::{macros::kprobe, programs::ProbeContext};
-use conntrack_ebpf::{kind, role, stat, FlowEvent};
+use conntrack_ebpf::{kind, role, stat, FlowEvent, RETURN_STALE_NS};
 
 use crate::common::{
     aggregate, bump, conf, emit_budgeted, key_of, net_inum, now_ns, occupy, rd, read_ct_tuple,
@@ -25,7 +25,10 @@ fn on_free(ct: u64) -> Result<(), i32> {
         return Ok(());
     }
     bump(stat::FREED);
-    let evicted = slot_get(&EARLY, 0) == tag();
+    // A mark whose early_drop return was missed would claim every later
+    // free of this context; past a live call's age it claims none.
+    let evicted = slot_get(&EARLY, 0) == tag()
+        && now_ns().wrapping_sub(slot_get(&EARLY, 1)) <= RETURN_STALE_NS;
     let ev: &mut FlowEvent = scratch_event().ok_or(-12)?;
     match unsafe { LIVE.get(&ct) } {
         Some(live) => {

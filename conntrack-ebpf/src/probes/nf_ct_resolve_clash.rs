@@ -23,6 +23,12 @@ const NF_DROP: u64 = 0;
 
 #[kprobe]
 pub fn ctw_clash_kp(ctx: ProbeContext) -> u32 {
+    // Calls never nest (bottom halves are off), so a slot still held is a
+    // return the kernel never reported: that clash's outcome is unknown.
+    if slot_get(&ARGS, 3) != 0 {
+        bump(stat::MISSED_CLASH);
+    }
+    slot_set(&ARGS, 6, now_ns());
     slot_set(&ARGS, 3, tag());
     slot_set(&ARGS, 4, ctx.arg::<u64>(0).unwrap_or(0));
     slot_set(&ARGS, 5, ctx.arg::<u64>(1).unwrap_or(0));

@@ -177,7 +177,57 @@ pub(crate) struct Sample {
     pub(crate) narrowed: bool,
 }
 
+/// One sentence per kernel function whose kretprobe missed returns: what
+/// each miss may have taken out of the counts.
+fn missed_returns(stats: &KernelStats) -> Vec<String> {
+    [
+        (
+            stat::MISSED_CONFIRM,
+            "__nf_conntrack_confirm",
+            "entries created that new entries, inserts and occupancy do not count",
+        ),
+        (
+            stat::MISSED_EARLY_DROP,
+            "early_drop",
+            "table-full drops among them are missing from the drop counts",
+        ),
+        (
+            stat::MISSED_CLASH,
+            "nf_ct_resolve_clash",
+            "clashes among them are missing from the clash counts",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(idx, function, what)| {
+        let n = stats.get(idx);
+        (n > 0).then(|| {
+            format!("missed returns of {function}: {n} (kretprobe instances exhausted); {what}")
+        })
+    })
+    .collect()
+}
+
 impl Sample {
+    /// Evictions since start (kernel-probe modes): the kernel-side counter,
+    /// host-wide, unless `--netns` narrows the scope: then the evicted keys
+    /// of the namespaces in it.
+    pub(crate) fn evictions(&self) -> u64 {
+        self.host_or_scoped(stat::EVICTIONS, &self.evicted)
+    }
+
+    /// Insert clashes since start, as [`Sample::evictions`].
+    pub(crate) fn clashes(&self) -> u64 {
+        self.host_or_scoped(stat::CLASHES, &self.clashed)
+    }
+
+    fn host_or_scoped(&self, idx: u32, counts: &[Count]) -> u64 {
+        if self.narrowed {
+            counts.iter().map(|c| c.total).sum()
+        } else {
+            self.stats.get(idx)
+        }
+    }
+
     /// Namespaces worth a line: busy ones, or all when `--netns` named them.
     pub(crate) fn shown_netns(&self) -> impl Iterator<Item = &NetnsRow> {
         self.netns.iter().filter(|r| self.narrowed || r.is_active())
@@ -209,6 +259,7 @@ impl Sample {
                 "{live} new entries did not fit the live-entry map: occupancy under-counts them"
             ));
         }
+        notes.extend(missed_returns(&self.stats));
         notes
     }
 }
@@ -598,5 +649,23 @@ mod tests {
         assert_eq!(t.len(), LEDGER_KEYS);
         let past: u64 = spilled.values().sum();
         assert_eq!(past, 10, "what does not fit is still counted per namespace");
+    }
+
+    #[test]
+    fn missed_returns_are_named_per_function_and_silent_at_zero() {
+        let mut stats = KernelStats::default();
+        assert!(missed_returns(&stats).is_empty());
+        stats.0[stat::MISSED_CONFIRM as usize] = 3;
+        stats.0[stat::MISSED_CLASH as usize] = 1;
+        let notes = missed_returns(&stats);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(
+            notes[0].starts_with("missed returns of __nf_conntrack_confirm: 3 "),
+            "{notes:?}"
+        );
+        assert!(
+            notes[1].starts_with("missed returns of nf_ct_resolve_clash: 1 "),
+            "{notes:?}"
+        );
     }
 }

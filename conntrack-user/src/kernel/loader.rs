@@ -59,7 +59,8 @@ pub enum LoadError {
 pub struct LoadRequest {
     /// `None` means auto: try [`compat::AUTO_ORDER`] in order.
     pub mode: Option<Mode>,
-    /// Stream one event per new conntrack entry (kernel-probe modes only).
+    /// Stream one event per new conntrack entry (kernel-probe modes only),
+    /// not only the first of each key.
     pub stream_new: bool,
     /// Ring-buffer records per second per CPU beyond the first of each key
     /// (0: unlimited). Totals come from in-kernel maps regardless.

@@ -238,9 +238,11 @@ impl Resolver {
     /// `sport` is a source port the kernel saw for the key (0: none), to
     /// find the origin's socket.
     pub(crate) fn flow(&mut self, rec: &AggRecord, sport: u16) -> Flow {
-        // The kind does not change the names: share one entry.
-        let mut probe = rec.clone();
-        probe.kind = Kind::New;
+        // Keyed by kind too: a victim and an entry holding a slot can share
+        // every other field (one client namespace, one destination) and
+        // still come from different sockets, each kind's key with the
+        // source port of its own.
+        let probe = rec.clone();
         let backend = self
             .nat
             .stale(&(rec.netns, rec.proto, rec.dst, rec.dport))
@@ -251,10 +253,7 @@ impl Resolver {
         if let Some(f) = self.flows.fresh(&probe).filter(|f| {
             f.service.backend == backend && !f.origin.unresolved() && !f.service.unresolved()
         }) {
-            return Flow {
-                kind: rec.kind,
-                ..f.clone()
-            };
+            return f.clone();
         }
         let sender = (rec.role == Role::Local).then(|| self.sender(rec));
         let mut origin = self.origin(rec, sport, sender.as_ref());

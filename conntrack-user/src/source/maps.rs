@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::os::fd::AsFd;
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf};
-use conntrack_ebpf::{stat, AggKey, AggValue, FlowEvent};
+use conntrack_ebpf::{stat, AggKey, AggValue, FlowEvent, RETURN_STALE_NS};
 use tokio::io::unix::AsyncFd;
 
 use crate::{kernel::loader::Loaded, source::records as event};
@@ -49,6 +49,9 @@ pub struct KernelSource {
     occupancy: MapData,
     spill: MapData,
     live: BpfHashMap<MapData, u64, FlowEvent>,
+    /// Entry state the kprobe/kretprobe pairs leave per CPU, for the missed
+    /// returns the programs have not found yet (None: an older object).
+    pairs: Option<PairState>,
     cpus: usize,
     /// Records the decoder refused (size or content): counted as lost.
     pub malformed: u64,
@@ -131,6 +134,7 @@ impl KernelSource {
             occupancy: take_percpu(loaded, "OCC")?,
             spill: take_percpu(loaded, "SPILL")?,
             live: take(loaded, "LIVE")?,
+            pairs: PairState::take(loaded),
             cpus: aya::util::nr_cpus().map_err(|(what, e)| SourceError::Map {
                 name: "COUNTS_A",
                 detail: format!("{what}: {e}"),
@@ -188,6 +192,17 @@ impl KernelSource {
                     detail: e.to_string(),
                 })?;
             *o = v.iter().sum();
+        }
+        // Read after STATS: a frame the programs count between the two
+        // reads is missing from this sample only, never in it twice.
+        if let (Some(p), Some(now)) = (&self.pairs, monotonic_ns()) {
+            let pending = p.stale(now).map_err(|e| SourceError::Map {
+                name: "CONFIRM_FRAMES",
+                detail: e.to_string(),
+            })?;
+            out[stat::MISSED_CONFIRM as usize] += pending.confirm;
+            out[stat::MISSED_EARLY_DROP as usize] += pending.early_drop;
+            out[stat::MISSED_CLASH as usize] += pending.clash;
         }
         Ok(KernelStats(out))
     }
@@ -269,9 +284,108 @@ impl KernelSource {
     }
 }
 
+/// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> Option<u64> {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec for the call to fill.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) } != 0 {
+        return None;
+    }
+    Some(t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64)
+}
+
+/// The per-CPU entry state of the kprobe/kretprobe pairs
+/// (`conntrack-ebpf/src/common.rs`): the confirm stack, early_drop's mark,
+/// the clash stash.
+struct PairState {
+    /// `ConfirmFrame`s: tag, skb, ct, entry time (ns).
+    frames: PerCpuArray<MapData, [u64; 4]>,
+    top: PerCpuArray<MapData, u32>,
+    early: PerCpuArray<MapData, u64>,
+    args: PerCpuArray<MapData, u64>,
+}
+
+/// Missed returns still waiting in the programs' state to be counted.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Stale {
+    confirm: u64,
+    early_drop: u64,
+    clash: u64,
+}
+
+impl PairState {
+    fn take(loaded: &mut Loaded) -> Option<Self> {
+        Some(PairState {
+            frames: take(loaded, "CONFIRM_FRAMES").ok()?,
+            top: take(loaded, "CONFIRM_TOP").ok()?,
+            early: take(loaded, "EARLY").ok()?,
+            args: take(loaded, "ARGS").ok()?,
+        })
+    }
+
+    /// The programs count a missed return only when the next call on the
+    /// same CPU comes; until then it waits here, older than
+    /// `RETURN_STALE_NS`, and is counted by this read instead.
+    fn stale(&self, now: u64) -> Result<Stale, aya::maps::MapError> {
+        let depths = self.top.get(&0, 0)?;
+        let mut frames = Vec::new();
+        for i in 0..self.frames.len() {
+            frames.push(self.frames.get(&i, 0)?);
+        }
+        let (early_tag, early_at) = (self.early.get(&0, 0)?, self.early.get(&1, 0)?);
+        let (clash_tag, clash_at) = (self.args.get(&3, 0)?, self.args.get(&6, 0)?);
+        let mut out = Stale::default();
+        for (cpu, depth) in depths.iter().enumerate() {
+            let stack: Vec<[u64; 4]> = frames.iter().map(|f| f[cpu]).collect();
+            out.confirm += stale_frames(*depth, &stack, now);
+            out.early_drop += stale_slot(early_tag[cpu], early_at[cpu], now);
+            out.clash += stale_slot(clash_tag[cpu], clash_at[cpu], now);
+        }
+        Ok(out)
+    }
+}
+
+/// Frames of one CPU's confirm stack whose return is overdue: the first
+/// `depth` frames, bottom up, as long as they are stale (pushes are in time
+/// order, so a fresh frame has only fresh ones above it).
+fn stale_frames(depth: u32, stack: &[[u64; 4]], now: u64) -> u64 {
+    stack
+        .iter()
+        .take(depth as usize)
+        .take_while(|f| now.wrapping_sub(f[3]) > RETURN_STALE_NS)
+        .count() as u64
+}
+
+/// A one-call slot still held (`tag` non-zero) past a live call's age.
+fn stale_slot(tag: u64, since: u64, now: u64) -> u64 {
+    u64::from(tag != 0 && now.wrapping_sub(since) > RETURN_STALE_NS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overdue_frames_are_the_stale_bottom_of_the_stack() {
+        let s = RETURN_STALE_NS;
+        let now = 10 * s;
+        let at = |ts: u64| [1, 2, 3, ts];
+        // Two orphans under a live call; a stale leftover above `depth`
+        // is an old popped frame, not a call.
+        let stack = [at(now - 3 * s), at(now - s - 1), at(now - 5), at(1)];
+        assert_eq!(stale_frames(3, &stack, now), 2);
+        assert_eq!(stale_frames(0, &stack, now), 0);
+        // Exactly the threshold old is still a call that may return.
+        assert_eq!(stale_frames(1, &[at(now - s)], now), 0);
+        // A corrupt depth reads no further than the stack.
+        assert_eq!(stale_frames(9, &[at(0), at(0)], now), 2);
+        assert_eq!(stale_slot(7, now - s - 1, now), 1);
+        assert_eq!(stale_slot(7, now - 5, now), 0);
+        assert_eq!(stale_slot(0, 0, now), 0);
+    }
 
     #[test]
     fn per_cpu_values_sum_and_keep_an_origin() {

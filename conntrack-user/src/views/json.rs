@@ -60,15 +60,6 @@ impl Report {
         let kernel_entries = s.sees_entries;
         let occupancy = s.held.as_ref();
         let stats = &s.stats;
-        // Host-wide counters, unless --netns narrows the report to the
-        // namespaces whose evicted/clashed keys are counted.
-        let host_or_scoped = |idx: u32, counts: &[Count]| {
-            if s.narrowed {
-                counts.iter().map(|c| c.total).sum()
-            } else {
-                stats.get(idx)
-            }
-        };
         let mut reconciliation = s.problems.clone();
         reconciliation.extend(s.reconciliation());
         Report {
@@ -89,8 +80,8 @@ impl Report {
             occupancy_age_s: occupancy
                 .map(|o| (s.elapsed.saturating_sub(o.at).as_secs_f64() * 1000.0).round() / 1000.0),
             new_flows: kernel_entries.then(|| breakdown(&s.created, 0, top)),
-            evictions: kernel_entries.then(|| host_or_scoped(stat::EVICTIONS, &s.evicted)),
-            clashes: kernel_entries.then(|| host_or_scoped(stat::CLASHES, &s.clashed)),
+            evictions: kernel_entries.then(|| s.evictions()),
+            clashes: kernel_entries.then(|| s.clashes()),
             evicted: kernel_entries.then(|| breakdown(&s.evicted, 0, top)),
             clashed: kernel_entries.then(|| breakdown(&s.clashed, 0, top)),
             reconciliation,
@@ -102,6 +93,9 @@ impl Report {
                 inserts: stats.get(stat::INSERTS),
                 alloc_failures_not_full: stats.get(stat::ALLOC_ERR),
                 events_not_streamed: stats.get(stat::SAMPLED),
+                confirm_returns_missed: stats.get(stat::MISSED_CONFIRM),
+                early_drop_returns_missed: stats.get(stat::MISSED_EARLY_DROP),
+                clash_returns_missed: stats.get(stat::MISSED_CLASH),
             },
         }
     }
@@ -128,6 +122,16 @@ pub struct ReportCounters {
     /// Per-flow records deliberately not streamed (over the per-CPU stream
     /// budget); they are in every count all the same.
     pub events_not_streamed: u64,
+    /// Kprobe mode: calls of `__nf_conntrack_confirm` whose return the
+    /// kernel never reported (kretprobe instances exhausted). Each may be
+    /// an entry created that `new_flows`, `inserts` and occupancy miss.
+    pub confirm_returns_missed: u64,
+    /// Kprobe mode: `early_drop` calls whose return was missed: a
+    /// table-full drop among them is missing from `drops`.
+    pub early_drop_returns_missed: u64,
+    /// Kprobe mode: `nf_ct_resolve_clash` calls whose return was missed: a
+    /// lost clash among them is missing from `clashes`.
+    pub clash_returns_missed: u64,
 }
 
 /// One process row as it appears on a drop line.

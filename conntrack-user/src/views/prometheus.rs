@@ -57,6 +57,10 @@ pub(crate) struct Exported {
     pub(crate) evictions: u64,
     /// Kernel-probe modes only: insert clashes since start.
     pub(crate) clashes: u64,
+    /// Kernel-probe modes only: returns the kernel's kretprobes missed
+    /// since start, for `__nf_conntrack_confirm`, `early_drop` and
+    /// `nf_ct_resolve_clash`.
+    pub(crate) returns_missed: [u64; 3],
     /// Victims: table-full drops since start.
     pub(crate) drops_by: Breakdown,
     /// Culprits: entries held now.
@@ -75,6 +79,7 @@ impl Default for Exported {
             lost_events: 0,
             evictions: 0,
             clashes: 0,
+            returns_missed: [0; 3],
             drops_by: empty.clone(),
             entries_by: empty,
             entries_at: None,
@@ -96,8 +101,13 @@ impl Exported {
         Exported {
             netns: s.netns.clone(),
             lost_events: s.lost_events,
-            evictions: s.stats.get(stat::EVICTIONS),
-            clashes: s.stats.get(stat::CLASHES),
+            evictions: s.evictions(),
+            clashes: s.clashes(),
+            returns_missed: [
+                s.stats.get(stat::MISSED_CONFIRM),
+                s.stats.get(stat::MISSED_EARLY_DROP),
+                s.stats.get(stat::MISSED_CLASH),
+            ],
             drops_by: breakdown(&s.victims, s.unattributed, top),
             entries_by: BreakdownBuilder::of(held, s.held.as_ref().map_or(0, |o| o.unkeyed))
                 .finish(top),
@@ -136,6 +146,13 @@ impl Format {
         }
     }
 }
+
+/// The kernel functions of `Exported::returns_missed`, in its order.
+const RETURN_PROBES: [&str; 3] = [
+    "__nf_conntrack_confirm",
+    "early_drop",
+    "nf_ct_resolve_clash",
+];
 
 /// The dimensions every top-K family is broken down by: the victim's or
 /// culprit's port, source, process and namespace, both ends of the flow
@@ -302,6 +319,19 @@ impl Collector for Latest {
                 "Insert clashes since start",
                 v.clashes,
             )?;
+            // Its own family, not a reason of ctwatch_lost_events: those are
+            // records lost on the way with every count exact, these are
+            // calls no count saw.
+            family(
+                e,
+                "ctwatch_probe_returns_missed",
+                "Returns of a probed kernel function that its kretprobe missed (instances exhausted) since start: each may be a creation, drop or clash no count saw",
+                Counter,
+                RETURN_PROBES
+                    .iter()
+                    .zip(v.returns_missed)
+                    .map(|(f, n)| (vec![("function", f.to_string())], n)),
+            )?;
         }
         family(e, "ctwatch_table_full_drops_by", "Table-full drops since start by victim, top K per dimension, the rest under key=\"other\"", Counter, by_series(&v.drops_by))?;
         family(
@@ -367,6 +397,9 @@ impl Metrics {
         e.lost_events = e.lost_events.max(v.lost_events);
         e.evictions = e.evictions.max(v.evictions);
         e.clashes = e.clashes.max(v.clashes);
+        for (n, was) in e.returns_missed.iter_mut().zip(v.returns_missed) {
+            *n = (*n).max(was);
+        }
         *v = e;
     }
 
@@ -420,6 +453,7 @@ mod tests {
             lost_events: 4,
             evictions: 9,
             clashes: 1,
+            returns_missed: [5, 0, 2],
             drops_by: drops.finish(top),
             entries_by: occ.finish(top),
             entries_at: Instant::now().checked_sub(std::time::Duration::from_secs(40)),
@@ -451,6 +485,9 @@ mod tests {
             "ctwatch_lost_events_total 4".into(),
             "ctwatch_evictions_total 9".into(),
             "ctwatch_clashes_total 1".into(),
+            r#"ctwatch_probe_returns_missed_total{function="__nf_conntrack_confirm"} 5"#.into(),
+            r#"ctwatch_probe_returns_missed_total{function="early_drop"} 0"#.into(),
+            r#"ctwatch_probe_returns_missed_total{function="nf_ct_resolve_clash"} 2"#.into(),
             r#"ctwatch_info{mode="kprobe",kernel="6.1.0-test"} 1"#.into(),
             r#"ctwatch_table_full_drops_by_total{dimension="dst_port",key="udp/5353"} 500"#.into(),
             r#"ctwatch_table_full_drops_by_total{dimension="process",key="ctpeer[100]"} 500"#
@@ -548,6 +585,7 @@ mod tests {
         let t = m.encode(Format::Prometheus).unwrap();
         assert!(!t.contains("ctwatch_evictions"), "{t}");
         assert!(!t.contains("ctwatch_new_entries_by"), "{t}");
+        assert!(!t.contains("ctwatch_probe_returns_missed"), "{t}");
         assert!(
             t.contains(r#"ctwatch_info{mode="tracepoint",kernel="6.18.0"} 1"#),
             "{t}"

@@ -110,9 +110,18 @@ pub fn summary_line(s: &SummaryLine) -> String {
 
 pub fn report(r: &Report) -> String {
     let mut o = String::new();
+    let c = &r.counters;
+    let missed = c.confirm_returns_missed + c.early_drop_returns_missed + c.clash_returns_missed;
+    // Shown only when there were some: the reconciliation says per probe
+    // what they may have taken out of the counts.
+    let missed = if missed > 0 {
+        format!(", {missed} probe returns missed")
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         o,
-        "ctwatch report: {} mode, kernel {}, {:.1} s, {} lost events",
+        "ctwatch report: {} mode, kernel {}, {:.1} s, {} lost events{missed}",
         r.mode, r.kernel, r.duration_s, r.lost_events
     );
     let _ = writeln!(

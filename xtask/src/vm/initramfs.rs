@@ -20,7 +20,7 @@ use super::VmOpts;
 
 /// Modules `/init` loads, in this order, when the kernel has them as modules
 /// (built-in ones need nothing). `modprobe` pulls their dependencies in.
-const MODULES: [(&str, Need); 11] = [
+const MODULES: [(&str, Need); 14] = [
     ("crc32c", Need::IfPresent),
     ("libcrc32c", Need::IfPresent), // gone in 7.x, nf_conntrack uses lib/crc32c
     ("nfnetlink", Need::IfPresent), // built in on 7.x
@@ -32,6 +32,12 @@ const MODULES: [(&str, Need); 11] = [
     ("nft_ct", Need::Required),
     ("nft_counter", Need::IfPresent), // part of nf_tables since 5.13
     ("nf_conntrack_netlink", Need::Required),
+    // `nft ... dnat`: the NAT core (one module for both families since
+    // 5.1, so no nf_nat_ipv4 on any kernel here), the `type nat` chain,
+    // the `dnat` expression.
+    ("nf_nat", Need::Required),
+    ("nft_chain_nat", Need::Required),
+    ("nft_nat", Need::Required),
 ];
 
 /// What a 9p share needs; all must be there (module or built in) to use it.

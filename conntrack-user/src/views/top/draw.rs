@@ -263,6 +263,15 @@ fn footer(f: &mut Frame, area: Rect, m: &Model, now: f64) {
             },
         ),
     ];
+    if ft.returns_missed > 0 {
+        // Only when there are some: a kprobe-mode loss, not a stream one.
+        spans.push(Span::raw("  ·  "));
+        spans.push(Span::styled("probe returns missed ", bold()));
+        spans.push(Span::styled(
+            ft.returns_missed.to_string(),
+            Style::default().fg(Color::Red),
+        ));
+    }
     if let Some(fr) = ft.freed_per_s {
         spans.push(Span::raw("  ·  "));
         // The kernel-probe counter is host-wide, not per namespace.
@@ -638,6 +647,7 @@ mod tests {
             totals: Totals {
                 lost_events: 0,
                 freed: Some(0),
+                returns_missed: 0,
             },
             ..Default::default()
         });
@@ -650,6 +660,7 @@ mod tests {
             totals: Totals {
                 lost_events: 2,
                 freed: Some(200),
+                returns_missed: 0,
             },
             ..Default::default()
         });

@@ -486,6 +486,9 @@ pub struct Totals {
     pub lost_events: u64,
     /// Entries freed (kernel-probe modes), all namespaces.
     pub freed: Option<u64>,
+    /// Returns the kernel's kretprobes missed since start (kprobe mode):
+    /// creations, drops or clashes that no count saw.
+    pub returns_missed: u64,
 }
 
 /// What the command observed at one instant.
@@ -602,6 +605,14 @@ impl Model {
                 freed: s
                     .sees_entries
                     .then(|| s.stats.get(conntrack_ebpf::stat::FREED)),
+                returns_missed: [
+                    conntrack_ebpf::stat::MISSED_CONFIRM,
+                    conntrack_ebpf::stat::MISSED_EARLY_DROP,
+                    conntrack_ebpf::stat::MISSED_CLASH,
+                ]
+                .map(|i| s.stats.get(i))
+                .iter()
+                .sum(),
             },
         };
         if let Some(o) = &s.held {
@@ -810,6 +821,7 @@ impl Model {
             clashes_per_s: per_s(|x| Some(x.3)),
             freed_per_s: per_s(|x| x.1.freed),
             lost_events: last.map(|l| l.1.lost_events).unwrap_or(0),
+            returns_missed: last.map(|l| l.1.returns_missed).unwrap_or(0),
         }
     }
 }
@@ -822,6 +834,7 @@ pub struct Footer {
     pub clashes_per_s: Option<f64>,
     pub freed_per_s: Option<f64>,
     pub lost_events: u64,
+    pub returns_missed: u64,
 }
 
 #[cfg(test)]
@@ -1188,6 +1201,7 @@ pub(crate) mod tests {
             totals: Totals {
                 lost_events: 0,
                 freed: Some(100),
+                returns_missed: 0,
             },
             ..Default::default()
         });
@@ -1198,6 +1212,7 @@ pub(crate) mod tests {
             totals: Totals {
                 lost_events: 3,
                 freed: Some(140),
+                returns_missed: 2,
             },
             ..Default::default()
         });
@@ -1206,5 +1221,6 @@ pub(crate) mod tests {
         assert_eq!((f.clashes, f.clashes_per_s), (1, Some(0.0)));
         assert_eq!(f.freed_per_s, Some(20.0));
         assert_eq!(f.lost_events, 3);
+        assert_eq!(f.returns_missed, 2);
     }
 }
