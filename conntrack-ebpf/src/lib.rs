@@ -213,10 +213,10 @@ pub struct Config {
     pub conn_net: u32,
     /// `offsetof(struct nf_conntrack_tuple_hash, tuple)`.
     pub hash_tuple: u32,
-    /// Ring-buffer records per second per CPU (0: unlimited). Past it,
-    /// records are counted in `stat::SAMPLED` instead of streamed; the
-    /// first record of every new aggregation key is always streamed, and
-    /// totals come from the per-CPU maps either way.
+    /// Ring-buffer records per second per CPU (0: unlimited), besides the
+    /// first record of each new aggregation key (which `first_budget`
+    /// caps). Past it, records are counted in `stat::SAMPLED` instead of
+    /// streamed; totals come from the per-CPU maps either way.
     pub stream_budget: u32,
     /// First-of-key records per second per CPU (0: unlimited): a flood of
     /// new keys must not become a flood of records either.

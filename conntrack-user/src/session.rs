@@ -52,8 +52,8 @@ pub(crate) struct Streaming {
 
 impl Streaming {
     /// What a command that counts needs: records only to name owners while
-    /// they live (the first of each key always goes through), never one per
-    /// packet; the numbers come from the in-kernel maps.
+    /// they live (the first of each key, within its own per-CPU budget),
+    /// never one per packet; the numbers come from the in-kernel maps.
     pub(crate) const NAMES: Streaming = Streaming {
         new_entries: false,
         budget: 64,
