@@ -828,6 +828,23 @@ pub fn scrape_metrics(addr: &str) -> String {
     answer.body
 }
 
+/// Scrapes `addr` until `unmet` finds nothing missing in the exposition,
+/// for up to `within` (the exporter refreshes on its own clock), then
+/// fails with what is still missing and the last scrape.
+pub fn scrape_until(addr: &str, within: Duration, unmet: impl Fn(&str) -> Vec<String>) {
+    let mut text = String::new();
+    poll_until(within, || {
+        text = scrape_metrics(addr);
+        unmet(&text).is_empty()
+    });
+    let problems = unmet(&text);
+    assert!(
+        problems.is_empty(),
+        "{}\n--- scrape ---\n{text}",
+        problems.join("\n")
+    );
+}
+
 /// The value of the first sample of `name` in an exposition whose labels
 /// contain every one of `labels`, each written as in the exposition
 /// (`key="value"`); None where no sample has them all.

@@ -524,18 +524,8 @@ fn kprobe_only_dashboard_series_hold_the_kernels_counts() {
         }
         problems
     };
-    let mut text = String::new();
     // Refreshes come every second: wait for one that has seen it all.
-    poll_until(Duration::from_secs(30), || {
-        text = scrape_metrics(&addr);
-        unmet(&text).is_empty()
-    });
-    let problems = unmet(&text);
-    assert!(
-        problems.is_empty(),
-        "{}\n--- scrape ---\n{text}",
-        problems.join("\n")
-    );
+    scrape_until(&addr, Duration::from_secs(30), unmet);
     let (code, _) = w.stop();
     assert_eq!(code, 0);
 }
