@@ -166,6 +166,28 @@ pub fn probes_for(mode: Mode) -> impl Iterator<Item = &'static ProbeSpec> {
     PROBES.iter().filter(move |p| p.mode == mode)
 }
 
+/// Attached probes whose other half is not: a kprobe and a kretprobe on one
+/// function are a pair, the entry stashing what the return reads. Half an
+/// optional pair would count every call as a missed return, or stash for
+/// nothing, so the loader detaches these.
+pub fn unpaired(mode: Mode, attached: &[&str]) -> Vec<&'static ProbeSpec> {
+    let function = |a: Attach| match a {
+        Attach::KProbe(f) | Attach::KRetProbe(f) => Some(f),
+        Attach::RawTracepoint(_) => None,
+    };
+    probes_for(mode)
+        .filter(|p| attached.contains(&p.program))
+        .filter(|p| {
+            probes_for(mode).any(|other| {
+                other.program != p.program
+                    && function(other.attach).is_some()
+                    && function(other.attach) == function(p.attach)
+                    && !attached.contains(&other.program)
+            })
+        })
+        .collect()
+}
+
 /// `(major, minor)` of a release string like `6.18.44-foo`.
 pub fn parse_release(release: &str) -> Option<(u32, u32)> {
     let mut it = release.split(|c: char| !c.is_ascii_digit());
@@ -177,6 +199,24 @@ pub fn parse_release(release: &str) -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn half_a_kprobe_pair_is_unpaired() {
+        let all: Vec<&str> = probes_for(Mode::Kprobe).map(|p| p.program).collect();
+        assert!(unpaired(Mode::Kprobe, &all).is_empty());
+        let without_clash_return: Vec<&str> = all
+            .iter()
+            .copied()
+            .filter(|p| *p != "ctw_clash_krp")
+            .collect();
+        let left: Vec<&str> = unpaired(Mode::Kprobe, &without_clash_return)
+            .iter()
+            .map(|p| p.program)
+            .collect();
+        assert_eq!(left, ["ctw_clash_kp"]);
+        // A raw tracepoint has no partner to miss.
+        assert!(unpaired(Mode::Tracepoint, &["ctw_kfree_skb"]).is_empty());
+    }
 
     #[test]
     fn every_mode_has_a_required_probe() {

@@ -299,6 +299,18 @@ fn load_mode(mode: Mode, config: &Config, release: &str) -> Result<Loaded, LoadE
             Err(e) => log::warn!("optional probe skipped: {e}"),
         }
     }
+    for spec in compat::unpaired(mode, &attached) {
+        log::warn!(
+            "optional probe {} detached: the other half of its pair did not attach",
+            spec.program
+        );
+        if let Some(Program::KProbe(p)) = ebpf.program_mut(spec.program) {
+            if let Err(e) = p.unload() {
+                log::warn!("{}: {e}", spec.program);
+            }
+        }
+        attached.retain(|a| *a != spec.program);
+    }
     // The object always carries the log map; if it does not, nothing logs.
     let logger = aya_log::EbpfLogger::init(&mut ebpf)
         .map_err(|e| log::debug!("no eBPF log forwarding: {e}"))
