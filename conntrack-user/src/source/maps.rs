@@ -286,15 +286,8 @@ impl KernelSource {
 
 /// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> Option<u64> {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `t` is a valid timespec for the call to fill.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) } != 0 {
-        return None;
-    }
-    Some(t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64)
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    Some(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
 }
 
 /// The per-CPU entry state of the kprobe/kretprobe pairs
