@@ -301,7 +301,8 @@ pub fn coarse_ns() -> u64 {
     let Some(c) = CLOCK.get_ptr_mut(0) else {
         return now_ns();
     };
-    // SAFETY: a per-CPU map value; nothing else runs on this CPU meanwhile.
+    // SAFETY: a per-CPU map value only `ctw_kfree_skb` uses; the kernel never
+    // runs a program inside itself on one CPU.
     let c = unsafe { &mut *c };
     if c[0] != jiffies || c[1] == 0 {
         *c = [jiffies, now_ns()];
@@ -358,7 +359,11 @@ pub fn count_key(key: &AggKey, sport: u16) -> bool {
     let (Some(ins), Some(seen)) = (INSERTED.get_ptr_mut(0), SEEN.get_ptr_mut(0)) else {
         return false;
     };
-    // SAFETY: per-CPU map values; nothing else runs on this CPU meanwhile.
+    // SAFETY: per-CPU map values. In kprobe mode another program may
+    // interrupt this one on its CPU between a read and a write here: that
+    // can lose a bit of SEEN (the key then goes to SPILL, counted once
+    // either way) or let one key past the cap, which the CPU's LRU list
+    // takes by evicting one: rare enough to leave.
     let (ins, seen) = unsafe { (&mut *ins, &mut *seen) };
     if (*ins >> 32) as u32 != gen {
         *ins = (gen as u64) << 32;

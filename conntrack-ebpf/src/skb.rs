@@ -89,7 +89,8 @@ pub fn fields(skb: u64) -> Result<Fields, i32> {
     let base = conf!(skb_span);
     if base != u32::MAX {
         let p = SPAN.get_ptr_mut(0).ok_or(-12)?;
-        // SAFETY: a per-CPU map value; nothing else runs on this CPU meanwhile.
+        // SAFETY: a per-CPU map value only this program uses; the kernel never
+        // runs a program inside itself on one CPU.
         let b = unsafe { &mut *p };
         let ret = unsafe {
             bpf_probe_read_kernel(
@@ -126,7 +127,7 @@ fn device(dev: u64, now: u64) -> (u32, u32) {
     let Some(c) = DEV.get_ptr_mut(0) else {
         return (0, 0);
     };
-    // SAFETY: a per-CPU map value; nothing else runs on this CPU meanwhile.
+    // SAFETY: as in `fields`.
     let c = unsafe { &mut *c };
     if c.dev != dev || now.wrapping_sub(c.at) > CACHE_NS {
         let net: u64 = rd(dev, conf!(dev_nd_net)).unwrap_or(0);
