@@ -51,29 +51,23 @@ fn start(arm: Arm, tools: &Tools, banners: &mut BTreeMap<Arm, String>) -> Result
         Arm::A0 => Running::Nothing,
         Arm::A1 => Running::Empty(progs::attach_empty(&tools.obj, TRACEPOINT_HOOKS)?),
         Arm::A2 | Arm::A3 => {
-            let listen = format!("127.0.0.1:{}", netns::free_port()?);
-            let args: Vec<&str> = if arm == Arm::A2 {
-                vec![
-                    "report",
-                    "--mode",
-                    "tracepoint",
-                    "--duration",
-                    "3600",
-                    "--netns",
-                    NS_S,
-                ]
+            let (p, banner) = if arm == Arm::A2 {
+                netns::start_ctwatch(
+                    &tools.ctwatch,
+                    &[
+                        "report",
+                        "--mode",
+                        "tracepoint",
+                        "--duration",
+                        "3600",
+                        "--netns",
+                        NS_S,
+                    ],
+                )?
             } else {
-                vec![
-                    "serve",
-                    "--mode",
-                    "tracepoint",
-                    "--listen",
-                    &listen,
-                    "--netns",
-                    NS_S,
-                ]
+                let (p, banner, _) = netns::start_serve(&tools.ctwatch)?;
+                (p, banner)
             };
-            let (p, banner) = netns::start_ctwatch(&tools.ctwatch, &args)?;
             banners.entry(arm).or_insert(banner);
             Running::Ctwatch(p)
         }

@@ -103,6 +103,26 @@ impl Drop for Proc {
     }
 }
 
+/// `ctwatch serve` as both parts measure it: tracepoint mode, scoped to the
+/// server namespace, on a free loopback port. Returns the process, its
+/// banner and the address it serves.
+pub fn start_serve(bin: &Path) -> Result<(Proc, String, String)> {
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let (p, banner) = start_ctwatch(
+        bin,
+        &[
+            "serve",
+            "--mode",
+            "tracepoint",
+            "--listen",
+            &listen,
+            "--netns",
+            NS_S,
+        ],
+    )?;
+    Ok((p, banner, listen))
+}
+
 /// Starts ctwatch and waits for its banner (`... mode on kernel ...
 /// (attached: ...)`), which it prints once every program is attached.
 /// Returns the process and the banner.

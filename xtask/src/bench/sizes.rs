@@ -196,8 +196,8 @@ fn status_kib(pid: u32, key: &str) -> Result<u64> {
         .with_context(|| format!("{key} in /proc/{pid}/status"))
 }
 
-fn scrape(port: u16) -> Result<usize> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+fn scrape(addr: &str) -> Result<usize> {
+    let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
     let mut body = Vec::new();
@@ -212,20 +212,7 @@ fn scrape(port: u16) -> Result<usize> {
 }
 
 fn serve(tools: &Tools, warmup: u64, window: u64) -> Result<Serve> {
-    let port = netns::free_port()?;
-    let listen = format!("127.0.0.1:{port}");
-    let (p, banner) = netns::start_ctwatch(
-        &tools.ctwatch,
-        &[
-            "serve",
-            "--mode",
-            "tracepoint",
-            "--listen",
-            &listen,
-            "--netns",
-            NS_S,
-        ],
-    )?;
+    let (p, banner, listen) = netns::start_serve(&tools.ctwatch)?;
     std::thread::sleep(Duration::from_secs(warmup));
     let pid = p.pid();
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
@@ -237,7 +224,7 @@ fn serve(tools: &Tools, warmup: u64, window: u64) -> Result<Serve> {
     while start.elapsed().as_secs_f64() < window as f64 {
         if start.elapsed().as_secs_f64() >= next {
             let s0 = Instant::now();
-            let bytes = scrape(port)?;
+            let bytes = scrape(&listen)?;
             scrapes.push((s0.elapsed().as_secs_f64(), bytes));
             next += 15.0;
         }
