@@ -1,7 +1,7 @@
 //! Least privilege, read off the running process, and what a missing
 //! privilege (or another failure class) looks like from outside: its exit
 //! code. Root, serial (`--test-threads=1`), host only.
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ctwatch_tests::*;
 
@@ -147,22 +147,14 @@ fn serve_drops_unneeded_capabilities_on_every_thread_and_still_counts() {
     let before = lab.srv.kernel_drops();
     lab.cli
         .peer_run(&["udp-send", "198.18.0.1:5353", &N.to_string()]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while lab.srv.kernel_drops() - before < N && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let kernel_drops = (lab.srv.kernel_drops() - before) as f64;
+    let kernel_drops = lab.srv.drops_since(before, N) as f64;
     assert_eq!(kernel_drops, N as f64, "kernel drop counter");
     let ns = format!("netns=\"{}\"", lab.srv.inum());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let text = loop {
-        let text = scrape_metrics(&addr);
-        let seen = metric_value(&text, "ctwatch_table_full_drops_total", &[&ns]);
-        if seen == Some(kernel_drops) || Instant::now() > deadline {
-            break text;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    let mut text = String::new();
+    poll_until(Duration::from_secs(15), || {
+        text = scrape_metrics(&addr);
+        metric_value(&text, "ctwatch_table_full_drops_total", &[&ns]) == Some(kernel_drops)
+    });
     assert_eq!(
         metric_value(&text, "ctwatch_table_full_drops_total", &[&ns]),
         Some(kernel_drops),
