@@ -567,6 +567,19 @@ pub fn slot_set(map: &PerCpuArray<u64>, i: u32, v: u64) {
     }
 }
 
+/// Marks a call of a kprobe/kretprobe pair as in progress on this CPU:
+/// `tag()` in slot `tag_at`, the time in slot `time_at` (userspace counts a
+/// mark older than `RETURN_STALE_NS` that no call has replaced yet). A mark
+/// still there is a return the kernel missed, counted in `missed`.
+#[inline(always)]
+pub fn enter_call(map: &PerCpuArray<u64>, tag_at: u32, time_at: u32, missed: u32) {
+    if slot_get(map, tag_at) != 0 {
+        bump(missed);
+    }
+    slot_set(map, time_at, now_ns());
+    slot_set(map, tag_at, tag());
+}
+
 /// Marks per-CPU state as belonging to the current call chain. Never 0:
 /// 0 is what an untouched slot holds and what "none" is written as, and
 /// the idle task's pid_tgid is 0 too (softirqs interrupting it).

@@ -17,7 +17,7 @@ use aya_ebpf::{
 
 use conntrack_ebpf::stat;
 
-use crate::common::{bump, now_ns, slot_get, slot_set, tag, EARLY, FULL};
+use crate::common::{enter_call, now_ns, slot_get, slot_set, tag, EARLY, FULL};
 
 #[kprobe]
 pub fn ctw_edrop_kp(ctx: ProbeContext) -> u32 {
@@ -26,11 +26,7 @@ pub fn ctw_edrop_kp(ctx: ProbeContext) -> u32 {
     // A nested early_drop (a softirq in the outer one's
     // `local_bh_enable()`) would count once too; it needs a full table
     // hit from both contexts at once, and one slot cannot tell them apart.
-    if slot_get(&EARLY, 0) != 0 {
-        bump(stat::MISSED_EARLY_DROP);
-    }
-    slot_set(&EARLY, 1, now_ns());
-    slot_set(&EARLY, 0, tag());
+    enter_call(&EARLY, 0, 1, stat::MISSED_EARLY_DROP);
     slot_set(&FULL, 0, ctx.arg::<u64>(0).unwrap_or(0));
     0
 }

@@ -15,8 +15,8 @@ use aya_ebpf::{
 use conntrack_ebpf::{kind, stat, FlowEvent};
 
 use crate::common::{
-    aggregate, bump, conf, emit_budgeted, net_inum, now_ns, rd, read_ct_tuple, scratch_event,
-    slot_get, slot_set, tag, ARGS, NFCT_PTRMASK,
+    aggregate, bump, conf, emit_budgeted, enter_call, net_inum, now_ns, rd, read_ct_tuple,
+    scratch_event, slot_get, slot_set, tag, ARGS, NFCT_PTRMASK,
 };
 
 const NF_DROP: u64 = 0;
@@ -25,11 +25,7 @@ const NF_DROP: u64 = 0;
 pub fn ctw_clash_kp(ctx: ProbeContext) -> u32 {
     // Calls never nest (bottom halves are off), so a slot still held is a
     // return the kernel never reported: that clash's outcome is unknown.
-    if slot_get(&ARGS, 3) != 0 {
-        bump(stat::MISSED_CLASH);
-    }
-    slot_set(&ARGS, 6, now_ns());
-    slot_set(&ARGS, 3, tag());
+    enter_call(&ARGS, 3, 6, stat::MISSED_CLASH);
     slot_set(&ARGS, 4, ctx.arg::<u64>(0).unwrap_or(0));
     slot_set(&ARGS, 5, ctx.arg::<u64>(1).unwrap_or(0));
     0
