@@ -50,7 +50,8 @@ pub struct KernelSource {
     spill: MapData,
     live: BpfHashMap<MapData, u64, FlowEvent>,
     /// Entry state the kprobe/kretprobe pairs leave per CPU, for the missed
-    /// returns the programs have not found yet (None: an older object).
+    /// returns the programs have not found yet (None in tracepoint mode:
+    /// no pair is attached, and reading it would cost syscalls every refresh).
     pairs: Option<PairState>,
     cpus: usize,
     /// Records the decoder refused (size or content): counted as lost.
@@ -134,7 +135,11 @@ impl KernelSource {
             occupancy: take_percpu(loaded, "OCC")?,
             spill: take_percpu(loaded, "SPILL")?,
             live: take(loaded, "LIVE")?,
-            pairs: PairState::take(loaded),
+            pairs: if loaded.mode.sees_entries() {
+                Some(PairState::take(loaded)?)
+            } else {
+                None
+            },
             cpus: aya::util::nr_cpus().map_err(|(what, e)| SourceError::Map {
                 name: "COUNTS_A",
                 detail: format!("{what}: {e}"),
@@ -310,12 +315,12 @@ struct Stale {
 }
 
 impl PairState {
-    fn take(loaded: &mut Loaded) -> Option<Self> {
-        Some(PairState {
-            frames: take(loaded, "CONFIRM_FRAMES").ok()?,
-            top: take(loaded, "CONFIRM_TOP").ok()?,
-            early: take(loaded, "EARLY").ok()?,
-            args: take(loaded, "ARGS").ok()?,
+    fn take(loaded: &mut Loaded) -> Result<Self, SourceError> {
+        Ok(PairState {
+            frames: take(loaded, "CONFIRM_FRAMES")?,
+            top: take(loaded, "CONFIRM_TOP")?,
+            early: take(loaded, "EARLY")?,
+            args: take(loaded, "ARGS")?,
         })
     }
 
