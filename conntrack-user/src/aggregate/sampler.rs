@@ -15,12 +15,12 @@ use super::{
     reconcile::{self, NetnsRow, NetnsSnapshot},
 };
 use crate::{
-    names::resolver::Flow,
+    names::resolver::{Flow, Process},
     session::{Session, SessionError},
     source::{
         maps::{Drained, KernelStats},
         netns::NetnsInfo,
-        records::{self, AggRecord, Kind},
+        records::{self, AggRecord, FlowRecord, Kind},
     },
 };
 
@@ -151,6 +151,9 @@ pub(crate) struct Occupancy {
 /// The kernel's state at one refresh, named and counted.
 #[derive(Debug, Clone)]
 pub(crate) struct Sample {
+    /// The records that were queued on the ring buffer, named: the live
+    /// streams print them, where a second drain would lose them.
+    pub(crate) queued: Vec<(FlowRecord, Process)>,
     /// Since the sampler started.
     pub(crate) elapsed: Duration,
     /// Namespaces in scope, those with drops since start, and those that
@@ -342,7 +345,7 @@ impl Sampler {
     /// Reads the kernel once and names what it found.
     pub(crate) fn sample(&mut self, session: &mut Session) -> Result<Sample, SessionError> {
         // Name the owners of whatever is queued while they still exist.
-        session.drain();
+        let queued = session.drain();
         let mut problems = std::mem::take(&mut self.carried);
         let scope = session.scope.namespaces().unwrap_or_else(|e| {
             problems.push(e.to_string());
@@ -489,6 +492,7 @@ impl Sampler {
         self.shown = counters.into_iter().collect();
 
         Ok(Sample {
+            queued,
             elapsed: self.t0.elapsed(),
             netns,
             victims,

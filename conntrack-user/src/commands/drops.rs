@@ -71,11 +71,12 @@ pub(crate) async fn run(
         tokio::select! {
             _ = &mut stop => break,
             _ = tick.tick() => {
-                // Records written without waking ctwatch are still lines to print.
-                for (rec, owner) in session.drain() {
+                // Records written without waking ctwatch are still lines to
+                // print: the sample drained them.
+                let mut s = sampler.sample(&mut session)?;
+                for (rec, owner) in std::mem::take(&mut s.queued) {
                     show(&mut session, &mut stream, rec, owner);
                 }
-                let s = sampler.sample(&mut session)?;
                 stream.end_second(&s, settings.top);
             }
             events = session.events() => {
