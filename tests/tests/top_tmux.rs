@@ -2,7 +2,6 @@
 //! detached tmux session of fixed size), reading the screen, pressing keys.
 //! Root, serial (`--test-threads=1`); needs tmux (`cargo xtask setup`).
 use std::{
-    collections::BTreeSet,
     process::Command,
     time::{Duration, Instant},
 };
@@ -195,38 +194,6 @@ fn first_cell(line: &str) -> &str {
         .trim()
 }
 
-/// Ids of the BPF programs and links a process holds open, from fdinfo.
-fn bpf_ids(pid: u32) -> BTreeSet<u32> {
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return BTreeSet::new();
-    };
-    fds.flatten()
-        .filter_map(|f| std::fs::read_to_string(f.path()).ok())
-        .flat_map(|info| {
-            info.lines()
-                .filter_map(|l| l.strip_prefix("prog_id:"))
-                .filter_map(|v| v.trim().parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect()
-}
-
-fn loaded_prog_ids() -> BTreeSet<u32> {
-    let out = Command::new("bpftool")
-        .args(["-j", "prog", "list"])
-        .output()
-        .expect("bpftool");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p["id"].as_u64())
-                .map(|i| i as u32)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn top_names_the_flood_switches_dimensions_and_quits_clean() {
     require_env!();
@@ -255,9 +222,9 @@ fn top_names_the_flood_switches_dimensions_and_quits_clean() {
         );
     }
     let pid = t.child_pid("ctwatch").expect("ctwatch runs in the pane");
-    let ours = bpf_ids(pid);
+    let ours = programs_held_by(pid);
     assert!(!ours.is_empty(), "ctwatch holds no BPF programs");
-    assert!(ours.is_subset(&loaded_prog_ids()), "{ours:?}");
+    assert_eq!(still_loaded(&ours), ours, "bpftool should list them");
 
     // The flood goes on until the screen names it (or ~15 s pass).
     let flood = || {
@@ -320,13 +287,13 @@ fn top_names_the_flood_switches_dimensions_and_quits_clean() {
     poll_until(Duration::from_secs(10), || !t.alive());
     assert!(!t.alive(), "ctwatch top did not exit on q\n{}", t.screen());
     assert_eq!(t.exit_code(), Some(0), "stderr: {}", t.stderr());
-    let left: BTreeSet<u32> = ours.intersection(&loaded_prog_ids()).copied().collect();
-    assert!(left.is_empty(), "programs {left:?} still loaded after exit");
+    // The last fd close only queues the programs' release (links are freed
+    // after an RCU grace period), so give the kernel a moment.
+    poll_until(Duration::from_secs(10), || still_loaded(&ours).is_empty());
     assert!(
-        ctwatch_programs()
-            .iter()
-            .all(|l| !ours.iter().any(|id| l.starts_with(&format!("{id}:")))),
-        "{:?}",
+        still_loaded(&ours).is_empty(),
+        "programs {:?} still loaded after exit: {:?}",
+        still_loaded(&ours),
         ctwatch_programs()
     );
 }
