@@ -81,7 +81,12 @@ pub mod stat {
     /// Calls of `nf_ct_resolve_clash` whose return never came: a clash
     /// that may be missing from the counts.
     pub const MISSED_CLASH: u32 = 15;
-    pub const COUNT: u32 = 16;
+    /// Runs of ctwatch's programs that the kernel skipped because a BPF
+    /// program was already running on that CPU: events no count saw.
+    /// The programs' own `recursion_misses` (5.12+), summed by userspace
+    /// from their info; no program writes this slot.
+    pub const RUNS_SKIPPED: u32 = 16;
+    pub const COUNT: u32 = 17;
 }
 
 /// Age past which a probe's entry state that its kretprobe never cleared

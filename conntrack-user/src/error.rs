@@ -142,7 +142,9 @@ fn btf(e: &BtfError) -> Failure {
 
 fn source(e: &SourceError) -> Failure {
     match e {
-        SourceError::MissingMap(_) | SourceError::Map { .. } => Failure::Runtime,
+        SourceError::MissingMap(_) | SourceError::Map { .. } | SourceError::Program { .. } => {
+            Failure::Runtime
+        }
         SourceError::Io(e) => io_error(e),
     }
 }

@@ -972,6 +972,27 @@ pub fn still_loaded(ids: &[u32]) -> Vec<u32> {
         .collect()
 }
 
+/// Runs the kernel skipped (its `recursion_misses`) of the programs in
+/// `ids`, summed: bpftool leaves the field out while it is 0, and before
+/// 5.12.
+pub fn runs_skipped(ids: &[u32]) -> u64 {
+    let out = Command::new("bpftool")
+        .args(["--json", "prog", "show"])
+        .output()
+        .expect("bpftool");
+    let progs: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    progs
+        .as_array()
+        .expect("a program list")
+        .iter()
+        .filter(|p| {
+            ids.iter()
+                .any(|id| p["id"].as_u64() == Some(u64::from(*id)))
+        })
+        .map(|p| p["recursion_misses"].as_u64().unwrap_or(0))
+        .sum()
+}
+
 /// IDs of loaded BPF programs whose name matches one of ctwatch's.
 pub fn ctwatch_programs() -> Vec<String> {
     let out = Command::new("bpftool").args(["prog", "list"]).output();

@@ -335,6 +335,7 @@ fn flood_totals_stay_exact_when_records_are_not_streamed() {
     let (pid, _) = lab.srv.peer_run(&["udp-flood", "198.18.0.2:9", "1000"]);
     // Nothing to wait for: each drop happened inside the sender's own
     // sendmsg, so all of them were counted before it exited.
+    let skipped = runs_skipped(&programs_held_by(w.pid));
     let r = w.report();
     let kernel = lab.srv.kernel_drops() - before;
     assert!(
@@ -353,4 +354,6 @@ fn flood_totals_stay_exact_when_records_are_not_streamed() {
     let not_streamed = r["counters"]["events_not_streamed"].as_u64().unwrap();
     let lost = r["lost_events"].as_u64().unwrap();
     assert!(not_streamed + lost > 0, "{r}");
+    // Runs the kernel skipped are its own count, reported as is.
+    assert_eq!(r["counters"]["program_runs_skipped"], skipped, "{r}");
 }

@@ -888,5 +888,12 @@ fn missed_probe_returns_equal_the_kernels_run_counts() {
         "{created} entries: {counted} counted, {missed} returns missed, {} not seen at all; {confirm:?}",
         created - counted - missed
     );
+    // Calls the kernel ran no program for are its programs' own count,
+    // and ctwatch reports exactly that.
+    assert_eq!(
+        c["program_runs_skipped"].as_u64(),
+        Some(runs_skipped(&ids)),
+        "{r}"
+    );
     assert_eq!(r["lost_events"], 0, "{r}");
 }

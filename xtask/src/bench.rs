@@ -17,15 +17,13 @@ mod vmprobe;
 
 use std::{
     fmt::Write as _,
-    fs::File,
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::Command,
 };
 
 use anyhow::{bail, Context, Result};
 
-use crate::setup::run;
+use crate::{hostlock, setup::run};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Part {
@@ -147,54 +145,6 @@ pub fn mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
 
-const LOCK: &str = "/tmp/ctwatch-host.lock";
-
-/// The host lock other engineers' host tests take: held by an ancestor
-/// (`flock /tmp/ctwatch-host.lock cargo xtask bench`), or taken here.
-fn host_lock() -> Result<(String, Option<File>)> {
-    let f = File::options()
-        .create(true)
-        .append(true)
-        .open(LOCK)
-        .with_context(|| LOCK.to_string())?;
-    let ino = std::os::unix::fs::MetadataExt::ino(&f.metadata()?);
-    let mut ancestors = vec![];
-    let mut pid = std::process::id();
-    while pid > 1 {
-        ancestors.push(pid);
-        pid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit_once(") ")?
-                    .1
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(1);
-    }
-    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
-    for l in locks.lines().filter(|l| !l.contains("->")) {
-        let w: Vec<&str> = l.split_whitespace().collect();
-        let (Some(holder), Some(dev)) = (w.get(4), w.get(5)) else {
-            continue;
-        };
-        if dev.rsplit(':').next() != Some(&ino.to_string()) {
-            continue;
-        }
-        let holder: u32 = holder.parse().unwrap_or(0);
-        if ancestors.contains(&holder) {
-            return Ok((format!("`flock {LOCK}` (pid {holder})"), None));
-        }
-        bail!("{LOCK} is held by pid {holder}: another host run is going on; retry when it ends");
-    }
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!("{LOCK} is held by another host run; retry when it ends");
-    }
-    Ok(("taken by the bench itself".into(), Some(f)))
-}
-
 fn prepare(ctwatch: &Path, ctpeer: &Path, root: &Path) -> Result<Tools> {
     let scratch = root.join("target/bench");
     std::fs::create_dir_all(&scratch)?;
@@ -266,7 +216,7 @@ pub fn bench(ctwatch: &Path, ctpeer: &Path, root: &Path, args: &BenchArgs) -> Re
     if args.rounds < 1 || args.size_rounds < 1 || args.secs <= 0.0 {
         bail!("--rounds, --size-rounds and --secs must be positive");
     }
-    let (lock, _lock_file) = host_lock()?;
+    let (lock, _lock_file) = hostlock::take(hostlock::Wait::No)?;
     guard::install()?;
     let tools = prepare(ctwatch, ctpeer, root)?;
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")?

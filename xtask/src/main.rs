@@ -3,6 +3,7 @@
 //! needs is installed on first use (see `setup`).
 mod bench;
 mod fuzz;
+mod hostlock;
 mod setup;
 mod vm;
 
@@ -226,6 +227,7 @@ fn test(kernels: &[String], no_vm: bool) -> Result<()> {
     );
     let fuzzed = fuzz::smoke(ci)?;
     eprintln!("xtask: host integration tests (root, serial, tracepoint mode)");
+    let (_, _lock) = hostlock::take(hostlock::Wait::Yes)?;
     let mut c = cargo();
     c.args([
         "test",

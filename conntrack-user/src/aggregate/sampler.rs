@@ -180,8 +180,9 @@ pub(crate) struct Sample {
     pub(crate) narrowed: bool,
 }
 
-/// One sentence per kernel function whose kretprobe missed returns: what
-/// each miss may have taken out of the counts.
+/// One sentence per kernel function whose kretprobe missed returns, and
+/// one for program runs the kernel skipped: what each may have taken out
+/// of the counts.
 fn missed_returns(stats: &KernelStats) -> Vec<String> {
     [
         (
@@ -207,6 +208,12 @@ fn missed_returns(stats: &KernelStats) -> Vec<String> {
             format!("missed returns of {function}: {n} (kretprobe instances exhausted); {what}")
         })
     })
+    .chain((stats.get(stat::RUNS_SKIPPED) > 0).then(|| {
+        format!(
+            "program runs the kernel skipped: {} (a BPF program was already running on that CPU; `bpftool prog show` names which); drops, new entries and frees among them are missing from the counts",
+            stats.get(stat::RUNS_SKIPPED)
+        )
+    }))
     .collect()
 }
 
@@ -661,14 +668,19 @@ mod tests {
         assert!(missed_returns(&stats).is_empty());
         stats.0[stat::MISSED_CONFIRM as usize] = 3;
         stats.0[stat::MISSED_CLASH as usize] = 1;
+        stats.0[stat::RUNS_SKIPPED as usize] = 4;
         let notes = missed_returns(&stats);
-        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert_eq!(notes.len(), 3, "{notes:?}");
         assert!(
             notes[0].starts_with("missed returns of __nf_conntrack_confirm: 3 "),
             "{notes:?}"
         );
         assert!(
             notes[1].starts_with("missed returns of nf_ct_resolve_clash: 1 "),
+            "{notes:?}"
+        );
+        assert!(
+            notes[2].starts_with("program runs the kernel skipped: 4 "),
             "{notes:?}"
         );
     }

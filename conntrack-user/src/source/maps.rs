@@ -8,7 +8,10 @@ use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf
 use conntrack_ebpf::{stat, AggKey, AggValue, FlowEvent, RETURN_STALE_NS};
 use tokio::io::unix::AsyncFd;
 
-use crate::{kernel::loader::Loaded, source::records as event};
+use crate::{
+    kernel::loader::Loaded,
+    source::{programs::Programs, records as event},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -16,6 +19,8 @@ pub enum SourceError {
     MissingMap(&'static str),
     #[error("eBPF map {name}: {detail}")]
     Map { name: &'static str, detail: String },
+    #[error("eBPF program {name}: {detail}")]
+    Program { name: &'static str, detail: String },
     #[error("waiting on the ring buffer failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -53,6 +58,7 @@ pub struct KernelSource {
     /// returns the programs have not found yet (None in tracepoint mode:
     /// no pair is attached, and reading it would cost syscalls every refresh).
     pairs: Option<PairState>,
+    programs: Programs,
     cpus: usize,
     /// Records the decoder refused (size or content): counted as lost.
     pub malformed: u64,
@@ -140,6 +146,7 @@ impl KernelSource {
             } else {
                 None
             },
+            programs: Programs::of(loaded)?,
             cpus: aya::util::nr_cpus().map_err(|(what, e)| SourceError::Map {
                 name: "COUNTS_A",
                 detail: format!("{what}: {e}"),
@@ -209,6 +216,14 @@ impl KernelSource {
             out[stat::MISSED_EARLY_DROP as usize] += pending.early_drop;
             out[stat::MISSED_CLASH as usize] += pending.clash;
         }
+        let skipped = self
+            .programs
+            .runs_skipped()
+            .map_err(|e| SourceError::Program {
+                name: "info",
+                detail: e.to_string(),
+            })?;
+        out[stat::RUNS_SKIPPED as usize] = skipped.unwrap_or(0);
         Ok(KernelStats(out))
     }
 

@@ -6,4 +6,5 @@ pub(crate) mod counters;
 pub(crate) mod ctnetlink;
 pub(crate) mod maps;
 pub(crate) mod netns;
+pub(crate) mod programs;
 pub(crate) mod records;

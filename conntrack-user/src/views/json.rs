@@ -96,6 +96,7 @@ impl Report {
                 confirm_returns_missed: stats.get(stat::MISSED_CONFIRM),
                 early_drop_returns_missed: stats.get(stat::MISSED_EARLY_DROP),
                 clash_returns_missed: stats.get(stat::MISSED_CLASH),
+                program_runs_skipped: stats.get(stat::RUNS_SKIPPED),
             },
         }
     }
@@ -132,6 +133,11 @@ pub struct ReportCounters {
     /// Kprobe mode: `nf_ct_resolve_clash` calls whose return was missed: a
     /// lost clash among them is missing from `clashes`.
     pub clash_returns_missed: u64,
+    /// Runs of ctwatch's programs that the kernel skipped because a BPF
+    /// program was already running on that CPU (the programs'
+    /// `recursion_misses`, 5.12+): each may be a drop, creation or free
+    /// no count saw.
+    pub program_runs_skipped: u64,
 }
 
 /// One process row as it appears on a drop line.

@@ -61,6 +61,8 @@ pub(crate) struct Exported {
     /// since start, for `__nf_conntrack_confirm`, `early_drop` and
     /// `nf_ct_resolve_clash`.
     pub(crate) returns_missed: [u64; 3],
+    /// Runs of ctwatch's programs the kernel skipped since start.
+    pub(crate) runs_skipped: u64,
     /// Victims: table-full drops since start.
     pub(crate) drops_by: Breakdown,
     /// Culprits: entries held now.
@@ -80,6 +82,7 @@ impl Default for Exported {
             evictions: 0,
             clashes: 0,
             returns_missed: [0; 3],
+            runs_skipped: 0,
             drops_by: empty.clone(),
             entries_by: empty,
             entries_at: None,
@@ -108,6 +111,7 @@ impl Exported {
                 s.stats.get(stat::MISSED_EARLY_DROP),
                 s.stats.get(stat::MISSED_CLASH),
             ],
+            runs_skipped: s.stats.get(stat::RUNS_SKIPPED),
             drops_by: breakdown(&s.victims, s.unattributed, top),
             entries_by: BreakdownBuilder::of(held, s.held.as_ref().map_or(0, |o| o.unkeyed))
                 .finish(top),
@@ -306,6 +310,12 @@ impl Collector for Latest {
             "Events lost to a full ring buffer or refused by the decoder since start",
             v.lost_events,
         )?;
+        single(
+            e,
+            "ctwatch_program_runs_skipped",
+            "Runs of ctwatch's programs the kernel skipped since start because a BPF program was already running on that CPU: each may be a drop, creation or free no count saw",
+            v.runs_skipped,
+        )?;
         if self.sees_entries {
             single(
                 e,
@@ -400,6 +410,7 @@ impl Metrics {
         for (n, was) in e.returns_missed.iter_mut().zip(v.returns_missed) {
             *n = (*n).max(was);
         }
+        e.runs_skipped = e.runs_skipped.max(v.runs_skipped);
         *v = e;
     }
 
@@ -454,6 +465,7 @@ mod tests {
             evictions: 9,
             clashes: 1,
             returns_missed: [5, 0, 2],
+            runs_skipped: 6,
             drops_by: drops.finish(top),
             entries_by: occ.finish(top),
             entries_at: Instant::now().checked_sub(std::time::Duration::from_secs(40)),
@@ -485,6 +497,7 @@ mod tests {
             "ctwatch_lost_events_total 4".into(),
             "ctwatch_evictions_total 9".into(),
             "ctwatch_clashes_total 1".into(),
+            "ctwatch_program_runs_skipped_total 6".into(),
             r#"ctwatch_probe_returns_missed_total{function="__nf_conntrack_confirm"} 5"#.into(),
             r#"ctwatch_probe_returns_missed_total{function="early_drop"} 0"#.into(),
             r#"ctwatch_probe_returns_missed_total{function="nf_ct_resolve_clash"} 2"#.into(),

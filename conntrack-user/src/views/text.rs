@@ -114,11 +114,14 @@ pub fn report(r: &Report) -> String {
     let missed = c.confirm_returns_missed + c.early_drop_returns_missed + c.clash_returns_missed;
     // Shown only when there were some: the reconciliation says per probe
     // what they may have taken out of the counts.
-    let missed = if missed > 0 {
+    let mut missed = if missed > 0 {
         format!(", {missed} probe returns missed")
     } else {
         String::new()
     };
+    if c.program_runs_skipped > 0 {
+        missed += &format!(", {} program runs skipped", c.program_runs_skipped);
+    }
     let _ = writeln!(
         o,
         "ctwatch report: {} mode, kernel {}, {:.1} s, {} lost events{missed}",

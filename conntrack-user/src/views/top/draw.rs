@@ -272,6 +272,15 @@ fn footer(f: &mut Frame, area: Rect, m: &Model, now: f64) {
             Style::default().fg(Color::Red),
         ));
     }
+    if ft.runs_skipped > 0 {
+        // Only when there are some: calls no program saw at all.
+        spans.push(Span::raw("  ·  "));
+        spans.push(Span::styled("runs skipped ", bold()));
+        spans.push(Span::styled(
+            ft.runs_skipped.to_string(),
+            Style::default().fg(Color::Red),
+        ));
+    }
     if let Some(fr) = ft.freed_per_s {
         spans.push(Span::raw("  ·  "));
         // The kernel-probe counter is host-wide, not per namespace.
@@ -648,6 +657,7 @@ mod tests {
                 lost_events: 0,
                 freed: Some(0),
                 returns_missed: 0,
+                runs_skipped: 0,
             },
             ..Default::default()
         });
@@ -661,6 +671,7 @@ mod tests {
                 lost_events: 2,
                 freed: Some(200),
                 returns_missed: 0,
+                runs_skipped: 5,
             },
             ..Default::default()
         });
@@ -681,6 +692,8 @@ mod tests {
         );
         assert!(all.contains("freed (all netns) 200/s"), "{all}");
         assert!(all.contains("lost events 2"), "{all}");
+        assert!(all.contains("runs skipped 5"), "{all}");
+        assert!(!all.contains("probe returns missed"), "{all}");
         assert!(
             all.contains("netns 2: no ctnetlink dump (+1 more)"),
             "{all}"

@@ -489,6 +489,8 @@ pub struct Totals {
     /// Returns the kernel's kretprobes missed since start (kprobe mode):
     /// creations, drops or clashes that no count saw.
     pub returns_missed: u64,
+    /// Runs of ctwatch's programs the kernel skipped since start.
+    pub runs_skipped: u64,
 }
 
 /// What the command observed at one instant.
@@ -613,6 +615,7 @@ impl Model {
                 .map(|i| s.stats.get(i))
                 .iter()
                 .sum(),
+                runs_skipped: s.stats.get(conntrack_ebpf::stat::RUNS_SKIPPED),
             },
         };
         if let Some(o) = &s.held {
@@ -822,6 +825,7 @@ impl Model {
             freed_per_s: per_s(|x| x.1.freed),
             lost_events: last.map(|l| l.1.lost_events).unwrap_or(0),
             returns_missed: last.map(|l| l.1.returns_missed).unwrap_or(0),
+            runs_skipped: last.map(|l| l.1.runs_skipped).unwrap_or(0),
         }
     }
 }
@@ -835,6 +839,7 @@ pub struct Footer {
     pub freed_per_s: Option<f64>,
     pub lost_events: u64,
     pub returns_missed: u64,
+    pub runs_skipped: u64,
 }
 
 #[cfg(test)]
@@ -1202,6 +1207,7 @@ pub(crate) mod tests {
                 lost_events: 0,
                 freed: Some(100),
                 returns_missed: 0,
+                runs_skipped: 0,
             },
             ..Default::default()
         });
@@ -1213,6 +1219,7 @@ pub(crate) mod tests {
                 lost_events: 3,
                 freed: Some(140),
                 returns_missed: 2,
+                runs_skipped: 1,
             },
             ..Default::default()
         });
@@ -1222,5 +1229,6 @@ pub(crate) mod tests {
         assert_eq!(f.freed_per_s, Some(20.0));
         assert_eq!(f.lost_events, 3);
         assert_eq!(f.returns_missed, 2);
+        assert_eq!(f.runs_skipped, 1);
     }
 }
