@@ -48,6 +48,9 @@ pub(crate) struct Stream {
     /// summary reports one second's worth.
     lost_before: u64,
     not_streamed_before: u64,
+    /// Likewise the calls no record could come from: runs the kernel
+    /// skipped and kretprobe returns it missed.
+    unseen_before: u64,
 }
 
 impl Stream {
@@ -62,6 +65,7 @@ impl Stream {
             second: 0,
             lost_before: 0,
             not_streamed_before: 0,
+            unseen_before: 0,
         }
     }
 
@@ -127,6 +131,24 @@ impl Stream {
             }
         } else if fresh_lost > 0 {
             eprintln!("ctwatch: {fresh_lost} events lost to a full ring buffer in the last second");
+        }
+        let unseen: u64 = [
+            stat::RUNS_SKIPPED,
+            stat::MISSED_CONFIRM,
+            stat::MISSED_EARLY_DROP,
+            stat::MISSED_CLASH,
+        ]
+        .map(|i| s.stats.get(i))
+        .iter()
+        .sum();
+        let fresh_unseen = unseen.saturating_sub(self.unseen_before);
+        self.unseen_before = unseen;
+        if fresh_unseen > 0 {
+            // Neither a line nor a count can show these: say so where the
+            // lines go on.
+            eprintln!(
+                "ctwatch: {fresh_unseen} kernel calls in the last second were not seen whole (program runs the kernel skipped, kretprobe returns it missed): records among them may be missing"
+            );
         }
         self.shown = 0;
     }
