@@ -216,14 +216,7 @@ impl KernelSource {
             out[stat::MISSED_EARLY_DROP as usize] += pending.early_drop;
             out[stat::MISSED_CLASH as usize] += pending.clash;
         }
-        let skipped = self
-            .programs
-            .runs_skipped()
-            .map_err(|e| SourceError::Program {
-                name: "info",
-                detail: e.to_string(),
-            })?;
-        out[stat::RUNS_SKIPPED as usize] = skipped.unwrap_or(0);
+        out[stat::RUNS_SKIPPED as usize] = self.programs.runs_skipped()?;
         Ok(KernelStats(out))
     }
 

@@ -25,8 +25,8 @@ struct InfoAttr {
     info: u64,
 }
 
-/// The attached programs, by their own fds (shared with aya's).
-pub(crate) struct Programs(Vec<ProgramFd>);
+/// The attached programs, by name and their own fds (shared with aya's).
+pub(crate) struct Programs(Vec<(&'static str, ProgramFd)>);
 
 impl Programs {
     pub(crate) fn of(loaded: &Loaded) -> Result<Self, SourceError> {
@@ -38,28 +38,30 @@ impl Programs {
                     detail: "not loaded".into(),
                 },
             )?;
-            fds.push(fd.try_clone().map_err(|e| SourceError::Program {
+            let fd = fd.try_clone().map_err(|e| SourceError::Program {
                 name,
                 detail: e.to_string(),
-            })?);
+            })?;
+            fds.push((*name, fd));
         }
         Ok(Programs(fds))
     }
 
-    /// Runs skipped so far, summed over the programs; `None` on kernels
-    /// that do not count them (before 5.12).
-    pub(crate) fn runs_skipped(&self) -> io::Result<Option<u64>> {
-        let mut sum = None;
-        for fd in &self.0 {
-            if let Some(n) = recursion_misses(fd.as_fd())? {
-                sum = Some(sum.unwrap_or(0) + n);
-            }
+    /// Runs skipped so far, summed over the programs (0 on kernels that
+    /// do not count them, before 5.12).
+    pub(crate) fn runs_skipped(&self) -> Result<u64, SourceError> {
+        let mut sum = 0;
+        for (name, fd) in &self.0 {
+            sum += recursion_misses(fd.as_fd()).map_err(|e| SourceError::Program {
+                name,
+                detail: format!("reading its info: {e}"),
+            })?;
         }
         Ok(sum)
     }
 }
 
-fn recursion_misses(fd: BorrowedFd<'_>) -> io::Result<Option<u64>> {
+fn recursion_misses(fd: BorrowedFd<'_>) -> io::Result<u64> {
     // SAFETY: plain integers; all zero is the kernel's "nothing asked".
     let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
     let mut attr = InfoAttr {
@@ -84,10 +86,14 @@ fn recursion_misses(fd: BorrowedFd<'_>) -> io::Result<Option<u64>> {
 }
 
 /// The field, if the kernel's `bpf_prog_info` (it answers with its own
-/// length) reaches it.
-fn skipped_from(info: &bpf_prog_info, kernel_len: u32) -> Option<u64> {
+/// length) reaches it, else 0: such a kernel counts no skipped run.
+fn skipped_from(info: &bpf_prog_info, kernel_len: u32) -> u64 {
     let end = std::mem::offset_of!(bpf_prog_info, recursion_misses) + 8;
-    (kernel_len as usize >= end).then_some(info.recursion_misses)
+    if kernel_len as usize >= end {
+        info.recursion_misses
+    } else {
+        0
+    }
 }
 
 #[cfg(test)]
@@ -95,15 +101,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_shorter_kernel_struct_has_no_count() {
+    fn a_shorter_kernel_struct_counts_nothing() {
         // SAFETY: as above.
         let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
         info.recursion_misses = 7;
         let end = std::mem::offset_of!(bpf_prog_info, recursion_misses) as u32 + 8;
-        assert_eq!(skipped_from(&info, end), Some(7));
-        assert_eq!(skipped_from(&info, end - 8), None);
+        assert_eq!(skipped_from(&info, end), 7);
+        assert_eq!(skipped_from(&info, end - 8), 0);
         // 5.10's struct ends at run_cnt, right before the field.
         let old = std::mem::offset_of!(bpf_prog_info, run_cnt) as u32 + 8;
-        assert_eq!(skipped_from(&info, old), None);
+        assert_eq!(skipped_from(&info, old), 0);
     }
 }
