@@ -974,22 +974,23 @@ pub fn still_loaded(ids: &[u32]) -> Vec<u32> {
 
 /// Runs the kernel skipped (its `recursion_misses`) of the programs in
 /// `ids`, summed: bpftool leaves the field out while it is 0, and before
-/// 5.12.
+/// 5.12. Read it while the programs' holder runs: each must be listed.
 pub fn runs_skipped(ids: &[u32]) -> u64 {
     let out = Command::new("bpftool")
         .args(["--json", "prog", "show"])
         .output()
         .expect("bpftool");
+    assert!(out.status.success(), "bpftool prog show: {out:?}");
     let progs: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
-    progs
-        .as_array()
-        .expect("a program list")
-        .iter()
-        .filter(|p| {
-            ids.iter()
-                .any(|id| p["id"].as_u64() == Some(u64::from(*id)))
+    let progs = progs.as_array().expect("a program list");
+    ids.iter()
+        .map(|id| {
+            let p = progs
+                .iter()
+                .find(|p| p["id"].as_u64() == Some(u64::from(*id)))
+                .unwrap_or_else(|| panic!("program {id} is not loaded"));
+            p["recursion_misses"].as_u64().unwrap_or(0)
         })
-        .map(|p| p["recursion_misses"].as_u64().unwrap_or(0))
         .sum()
 }
 

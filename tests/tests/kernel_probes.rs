@@ -212,13 +212,32 @@ fn evictions_name_the_evicted_flows() {
     let w = start_report(&lab.srv, &mode());
     // The zero drop total below is only evidence with the probes attached.
     w.assert_attached(&mode());
-    lab.cli
-        .peer_run(&["udp-send", "198.18.0.1:6000", &N.to_string()]);
     // Conntrack is done with a datagram once it is a new flow (room was
     // made) or a drop (none): its evictions happened before either.
-    poll_until(Duration::from_secs(10), || {
-        lab.srv.new_flows() - new + (lab.srv.kernel_drops() - dropped) >= N as u64
-    });
+    let done = || lab.srv.new_flows() - new + (lab.srv.kernel_drops() - dropped);
+    // The kernel's gc worker may make room first, without early_drop (see
+    // `kprobe_only_dashboard_series_hold_the_kernels_counts`): flows come
+    // in batches until the kernel has evicted N. Each has a source port of
+    // its own, so each is a new flow.
+    let mut sent: u16 = 0;
+    while lab.srv.kernel_stat("early_drop") - early_before < N as u64 {
+        assert!(
+            usize::from(sent) < 10 * N,
+            "{sent} new flows into a full table and the kernel evicted {}",
+            lab.srv.kernel_stat("early_drop") - early_before
+        );
+        for _ in 0..N {
+            let sport = (40000 + sent).to_string();
+            lab.cli
+                .peer_run(&["udp-stream", "198.18.0.1:6000", "1", &sport]);
+            sent += 1;
+        }
+        assert!(
+            poll_until(Duration::from_secs(10), || done() >= u64::from(sent)),
+            "conntrack finished {} of {sent} datagrams",
+            done()
+        );
+    }
     let r = w.report();
     let kernel_evictions = lab.srv.kernel_stat("early_drop") - early_before;
     assert!(
@@ -731,18 +750,18 @@ fn dnat_through_a_node_names_both_ends() {
         "the node holds {} entries, not {MAX}",
         t.node.count()
     );
+    // A SYN and two retries, sent by 3 s; the client waits on its sockets
+    // until 7 s, while ctwatch names it, and then stops by itself.
+    t.cli.sysctl("net.ipv4.tcp_syn_retries", "2");
     let asker = t.cli.peer(&["tcp-ask", FRONT, &N.to_string()]);
-    // Every SYN and its first retry: the client waited on its sockets
-    // while ctwatch named it.
-    t.node.drops_since(drops_before, 2 * N);
+    t.node.drops_since(drops_before, 3 * N);
     let asker_pid = asker.pid;
-    // It gives up: no SYN is left to count after the report.
-    drop(asker);
     let r = w.report();
+    drop(asker);
     let held = t.node.count();
     let dropped = t.node.kernel_drops() - drops_before;
     assert_eq!(held, MAX, "nothing left the node's table");
-    assert!(dropped >= 2 * N, "kernel drop counter: {dropped}");
+    assert_eq!(dropped, 3 * N, "kernel drop counter");
 
     // The victims, counted as the kernel counted them.
     let row = netns_row(&r, t.node.inum());
@@ -845,6 +864,7 @@ fn missed_probe_returns_equal_the_kernels_run_counts() {
     // What the kernel says of the confirm programs, read while they exist.
     let progs: Value =
         serde_json::from_str(&sh(&["bpftool", "--json", "prog", "show"])).expect("bpftool JSON");
+    let skipped = runs_skipped(&ids);
     let r = w.report();
     eprintln!(
         "run counts before {before:?}, after {after:?}; counters {}",
@@ -890,10 +910,6 @@ fn missed_probe_returns_equal_the_kernels_run_counts() {
     );
     // Calls the kernel ran no program for are its programs' own count,
     // and ctwatch reports exactly that.
-    assert_eq!(
-        c["program_runs_skipped"].as_u64(),
-        Some(runs_skipped(&ids)),
-        "{r}"
-    );
+    assert_eq!(c["program_runs_skipped"].as_u64(), Some(skipped), "{r}");
     assert_eq!(r["lost_events"], 0, "{r}");
 }
