@@ -128,6 +128,15 @@ impl Netns {
             .expect("netns inode")
     }
 
+    /// TCP sockets here still sending SYNs (`SYN_SENT`, state 02 in
+    /// `/proc/net/tcp{,6}`).
+    pub fn syn_sent(&self) -> usize {
+        self.exec(&["cat", "/proc/net/tcp", "/proc/net/tcp6"])
+            .lines()
+            .filter(|l| l.split_whitespace().nth(3) == Some("02"))
+            .count()
+    }
+
     /// Writes a per-netns sysctl (busybox in the VMs has no `sysctl -q`).
     pub fn sysctl(&self, key: &str, value: &str) {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));

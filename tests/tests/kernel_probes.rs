@@ -750,18 +750,23 @@ fn dnat_through_a_node_names_both_ends() {
         "the node holds {} entries, not {MAX}",
         t.node.count()
     );
-    // A SYN and two retries, sent by 3 s; the client waits on its sockets
-    // until 7 s, while ctwatch names it, and then stops by itself.
-    t.cli.sysctl("net.ipv4.tcp_syn_retries", "2");
+    // Each socket gives up by itself after its SYN and a retry or two (see
+    // `SYN_RETRIES` in forwarded.rs); the client keeps its sockets all the
+    // while, and ctwatch names it.
+    t.cli.sysctl("net.ipv4.tcp_syn_retries", "1");
     let asker = t.cli.peer(&["tcp-ask", FRONT, &N.to_string()]);
-    t.node.drops_since(drops_before, 3 * N);
+    t.node.drops_since(drops_before, 2 * N);
+    assert!(
+        poll_until(Duration::from_secs(15), || t.cli.syn_sent() == 0),
+        "sockets still connecting"
+    );
     let asker_pid = asker.pid;
     let r = w.report();
     drop(asker);
     let held = t.node.count();
     let dropped = t.node.kernel_drops() - drops_before;
     assert_eq!(held, MAX, "nothing left the node's table");
-    assert_eq!(dropped, 3 * N, "kernel drop counter");
+    assert!(dropped >= 2 * N, "kernel drop counter: {dropped}");
 
     // The victims, counted as the kernel counted them.
     let row = netns_row(&r, t.node.inum());
