@@ -196,6 +196,36 @@ fn fill_evictable(lab: &Lab, port: u16, m: usize) -> MaxGuard {
     MaxGuard::set(held)
 }
 
+/// Sends flows to 198.18.0.1:6000 in batches, each from a source port of
+/// its own (a new flow, one packet that `ct state new` counts), until the
+/// kernel has evicted `want` entries since its early_drop counter read
+/// `early`. After a failed early_drop (this test's, or an earlier test's
+/// table-full drops) the kernel's gc worker kills unassured entries down
+/// to 95 % of the limit on its next run, without counting them as
+/// early_drop, so the first flows may find room without an eviction.
+/// `done` counts the datagrams conntrack is done with.
+fn flows_until_evicted(lab: &Lab, early: u64, want: u64, batch: u16, done: impl Fn() -> u64) {
+    let mut sent: u16 = 0;
+    while lab.srv.kernel_stat("early_drop") - early < want {
+        assert!(
+            sent < 10 * batch,
+            "{sent} new flows into a full table and the kernel evicted {}",
+            lab.srv.kernel_stat("early_drop") - early
+        );
+        for _ in 0..batch {
+            let sport = (40000 + sent).to_string();
+            lab.cli
+                .peer_run(&["udp-stream", "198.18.0.1:6000", "1", &sport]);
+            sent += 1;
+        }
+        assert!(
+            poll_until(Duration::from_secs(10), || done() >= u64::from(sent)),
+            "conntrack finished {} of {sent} datagrams",
+            done()
+        );
+    }
+}
+
 #[test]
 fn evictions_name_the_evicted_flows() {
     require_kernel_probes!();
@@ -215,29 +245,7 @@ fn evictions_name_the_evicted_flows() {
     // Conntrack is done with a datagram once it is a new flow (room was
     // made) or a drop (none): its evictions happened before either.
     let done = || lab.srv.new_flows() - new + (lab.srv.kernel_drops() - dropped);
-    // The kernel's gc worker may make room first, without early_drop (see
-    // `kprobe_only_dashboard_series_hold_the_kernels_counts`): flows come
-    // in batches until the kernel has evicted N. Each has a source port of
-    // its own, so each is a new flow.
-    let mut sent: u16 = 0;
-    while lab.srv.kernel_stat("early_drop") - early_before < N as u64 {
-        assert!(
-            usize::from(sent) < 10 * N,
-            "{sent} new flows into a full table and the kernel evicted {}",
-            lab.srv.kernel_stat("early_drop") - early_before
-        );
-        for _ in 0..N {
-            let sport = (40000 + sent).to_string();
-            lab.cli
-                .peer_run(&["udp-stream", "198.18.0.1:6000", "1", &sport]);
-            sent += 1;
-        }
-        assert!(
-            poll_until(Duration::from_secs(10), || done() >= u64::from(sent)),
-            "conntrack finished {} of {sent} datagrams",
-            done()
-        );
-    }
+    flows_until_evicted(&lab, early_before, N as u64, N as u16, done);
     let r = w.report();
     let kernel_evictions = lab.srv.kernel_stat("early_drop") - early_before;
     assert!(
@@ -452,30 +460,7 @@ fn kprobe_only_dashboard_series_hold_the_kernels_counts() {
     // Conntrack is done with a datagram once it is a new flow (room was
     // made) or a drop (none): its evictions happened before either.
     let done = || lab.srv.new_flows() - new + (lab.srv.kernel_drops() - dropped);
-    // After a failed early_drop (this test's, or an earlier test's
-    // table-full drops) the kernel's gc worker kills unassured entries
-    // down to 95 % of the limit on its next run, and does not count them
-    // as early_drop: new flows then find room without an eviction. So the
-    // flows come in batches until the kernel has evicted. Each has a
-    // source port of its own, so `ct state new` counts one packet per entry.
-    let mut sent: u16 = 0;
-    while lab.srv.kernel_stat("early_drop") == early {
-        assert!(
-            sent < 10 * N,
-            "{sent} new flows into a full table and the kernel evicted nothing"
-        );
-        for _ in 0..N {
-            let sport = (40000 + sent).to_string();
-            lab.cli
-                .peer_run(&["udp-stream", "198.18.0.1:6000", "1", &sport]);
-            sent += 1;
-        }
-        assert!(
-            poll_until(Duration::from_secs(10), || done() >= u64::from(sent)),
-            "conntrack finished {} of {sent} datagrams",
-            done()
-        );
-    }
+    flows_until_evicted(&lab, early, 1, N, done);
     let evicted = lab.srv.kernel_stat("early_drop") - early;
     let clashed = lab.srv.kernel_stat("insert_failed") - failed;
     let created = lab.srv.new_flows() - new;
