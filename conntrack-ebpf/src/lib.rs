@@ -83,8 +83,8 @@ pub mod stat {
     pub const MISSED_CLASH: u32 = 15;
     /// Runs of ctwatch's programs that the kernel skipped because a BPF
     /// program was already running on that CPU: events no count saw.
-    /// The programs' own `recursion_misses` (5.12+), summed by userspace
-    /// from their info; no program writes this slot.
+    /// The programs' own `recursion_misses` (kprobes' counted from 6.7),
+    /// summed by userspace from their info; no program writes this slot.
     pub const RUNS_SKIPPED: u32 = 16;
     pub const COUNT: u32 = 17;
 }

@@ -972,13 +972,26 @@ pub fn programs_held_by(pid: u32) -> Vec<u32> {
 
 /// Which of these program IDs `bpftool prog list` still shows.
 pub fn still_loaded(ids: &[u32]) -> Vec<u32> {
-    let out = Command::new("bpftool").args(["prog", "list"]).output();
-    let Ok(out) = out else { return vec![] };
+    let out = Command::new("bpftool")
+        .args(["prog", "list"])
+        .output()
+        .expect("bpftool");
+    // An empty listing would pass every "nothing left" check.
+    assert!(out.status.success(), "bpftool prog list: {out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     ids.iter()
         .copied()
         .filter(|id| text.lines().any(|l| l.starts_with(&format!("{id}: "))))
         .collect()
+}
+
+/// (major, minor) of the running kernel.
+pub fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut it = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse().expect("release number"));
+    (it.next().expect("major"), it.next().expect("minor"))
 }
 
 /// Runs the kernel skipped (its `recursion_misses`) of the programs in

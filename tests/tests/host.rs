@@ -331,6 +331,8 @@ fn flood_totals_stay_exact_when_records_are_not_streamed() {
     let _held = lab.fill(MAX, HOLD_PORT);
     let before = lab.srv.kernel_drops();
     let w = start_report(&lab.srv, &mode());
+    // The banner follows the report's baselines.
+    let skipped_at_start = runs_skipped(&programs_held_by(w.pid));
     // One socket, 1 s flat out: far more drops than the stream budget.
     let (pid, _) = lab.srv.peer_run(&["udp-flood", "198.18.0.2:9", "1000"]);
     // Nothing to wait for: each drop happened inside the sender's own
@@ -354,6 +356,16 @@ fn flood_totals_stay_exact_when_records_are_not_streamed() {
     let not_streamed = r["counters"]["events_not_streamed"].as_u64().unwrap();
     let lost = r["lost_events"].as_u64().unwrap();
     assert!(not_streamed + lost > 0, "{r}");
-    // Runs the kernel skipped are its own count, reported as is.
-    assert_eq!(r["counters"]["program_runs_skipped"], skipped, "{r}");
+    // Runs the kernel skipped are its own count: at least those bpftool
+    // saw during the window (the report's ends a little later). In
+    // kprobe mode before 6.7 the kernel does not count them all: unknown.
+    let reported = &r["counters"]["program_runs_skipped"];
+    if mode() == "tracepoint" || kernel_version() >= (6, 7) {
+        let reported = reported
+            .as_u64()
+            .unwrap_or_else(|| panic!("this kernel counts skipped runs: {r}"));
+        assert!(reported >= skipped - skipped_at_start, "{r}");
+    } else {
+        assert!(reported.is_null(), "{r}");
+    }
 }

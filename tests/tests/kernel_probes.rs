@@ -826,6 +826,7 @@ fn missed_probe_returns_equal_the_kernels_run_counts() {
     w.assert_attached(&mode());
     let ids = programs_held_by(w.pid);
     let before = run_counts(&ids);
+    let skipped_at_start = runs_skipped(&ids);
     let entries = || lab.srv.count() + lab.cli.count();
     let held = entries();
     std::thread::scope(|s| {
@@ -898,8 +899,16 @@ fn missed_probe_returns_equal_the_kernels_run_counts() {
         "{created} entries: {counted} counted, {missed} returns missed, {} not seen at all; {confirm:?}",
         created - counted - missed
     );
-    // Calls the kernel ran no program for are its programs' own count,
-    // and ctwatch reports exactly that.
-    assert_eq!(c["program_runs_skipped"].as_u64(), Some(skipped), "{r}");
+    // Calls the kernel ran no program for are its programs' own count:
+    // at least what bpftool saw during the window, where the kernel
+    // counts kprobes' skips (6.7+); unknown, not 0, where it does not.
+    if kernel_version() >= (6, 7) {
+        let reported = c["program_runs_skipped"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("this kernel counts skipped runs: {r}"));
+        assert!(reported >= skipped - skipped_at_start, "{r}");
+    } else {
+        assert!(c["program_runs_skipped"].is_null(), "{r}");
+    }
     assert_eq!(r["lost_events"], 0, "{r}");
 }

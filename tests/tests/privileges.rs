@@ -25,15 +25,6 @@ fn bit(cap: u32) -> u64 {
     1 << cap
 }
 
-/// (major, minor) of the running kernel.
-fn kernel() -> (u32, u32) {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
-    let mut it = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|n| n.parse().expect("release number"));
-    (it.next().expect("major"), it.next().expect("minor"))
-}
-
 /// One thread's capability sets, from /proc/PID/task/TID/status.
 #[derive(Debug)]
 struct Task {
@@ -254,9 +245,9 @@ fn maps_are_used_by_fd_without_any_capability_from_6_5_on() {
     let free = maps_usable_without_any_capability();
     eprintln!(
         "kernel {:?}: maps usable by fd without capabilities: {free}",
-        kernel()
+        kernel_version()
     );
-    if kernel() >= (6, 5) {
+    if kernel_version() >= (6, 5) {
         assert!(
             free,
             "a map fd was refused to a thread without capabilities"

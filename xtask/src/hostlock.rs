@@ -19,11 +19,21 @@ pub enum Wait {
 /// xtask ...`), or taken here: a description, and the file that holds it
 /// until dropped.
 pub fn take(wait: Wait) -> Result<(String, Option<File>)> {
-    let f = File::options()
-        .create(true)
-        .append(true)
-        .open(LOCK)
-        .with_context(|| LOCK.to_string())?;
+    // flock(2) needs no write access: opened read-only, the file works for
+    // whoever created it (root by hand, a user here), and it is created
+    // world-readable only when missing.
+    let f = match File::open(LOCK) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            File::options()
+                .create(true)
+                .append(true)
+                .open(LOCK)
+                .with_context(|| LOCK.to_string())?;
+            File::open(LOCK).with_context(|| LOCK.to_string())?
+        }
+        Err(e) => return Err(e).with_context(|| LOCK.to_string()),
+    };
     let ino = std::os::unix::fs::MetadataExt::ino(&f.metadata()?);
     let mut ancestors = vec![];
     let mut pid = std::process::id();
@@ -70,7 +80,11 @@ pub fn take(wait: Wait) -> Result<(String, Option<File>)> {
     }
     // SAFETY: flock(2) on a file this function owns.
     if unsafe { libc::flock(f.as_raw_fd(), how) } != 0 {
-        bail!("{LOCK} is held by another host run; retry when it ends");
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            bail!("{LOCK} is held by another host run; retry when it ends");
+        }
+        bail!("locking {LOCK}: {e}");
     }
     Ok(("taken by xtask itself".into(), Some(f)))
 }

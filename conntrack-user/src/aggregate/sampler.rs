@@ -178,12 +178,14 @@ pub(crate) struct Sample {
     pub(crate) problems: Vec<String>,
     pub(crate) sees_entries: bool,
     pub(crate) narrowed: bool,
+    /// Whether `stats`' skipped runs are all of them (see `Loaded`).
+    pub(crate) skips_counted: bool,
 }
 
 /// One sentence per kernel function whose kretprobe missed returns, and
 /// one for program runs the kernel skipped: what each may have taken out
 /// of the counts.
-fn missed_returns(stats: &KernelStats) -> Vec<String> {
+fn unseen_calls(stats: &KernelStats) -> Vec<String> {
     [
         (
             stat::MISSED_CONFIRM,
@@ -269,7 +271,7 @@ impl Sample {
                 "{live} new entries did not fit the live-entry map: occupancy under-counts them"
             ));
         }
-        notes.extend(missed_returns(&self.stats));
+        notes.extend(unseen_calls(&self.stats));
         notes
     }
 }
@@ -513,6 +515,7 @@ impl Sampler {
             problems,
             sees_entries,
             narrowed: session.scope.is_narrowed(),
+            skips_counted: session.probes().is_none_or(|p| p.loaded.skips_counted),
         })
     }
 
@@ -665,11 +668,11 @@ mod tests {
     #[test]
     fn missed_returns_are_named_per_function_and_silent_at_zero() {
         let mut stats = KernelStats::default();
-        assert!(missed_returns(&stats).is_empty());
+        assert!(unseen_calls(&stats).is_empty());
         stats.0[stat::MISSED_CONFIRM as usize] = 3;
         stats.0[stat::MISSED_CLASH as usize] = 1;
         stats.0[stat::RUNS_SKIPPED as usize] = 4;
-        let notes = missed_returns(&stats);
+        let notes = unseen_calls(&stats);
         assert_eq!(notes.len(), 3, "{notes:?}");
         assert!(
             notes[0].starts_with("missed returns of __nf_conntrack_confirm: 3 "),

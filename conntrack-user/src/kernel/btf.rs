@@ -514,6 +514,16 @@ pub fn netfilter_drop_reason(btf: &KernelBtf) -> Result<u32, BtfError> {
         .map_err(|_| BtfError::Layout(format!("SKB_DROP_REASON_NETFILTER_DROP is {value}")))
 }
 
+/// Whether the kernel counts the kprobe runs it skips while another BPF
+/// program runs on the CPU (in the program's `recursion_misses`). That
+/// came in 6.7, in the series that also gave kprobe links their `missed`
+/// count; that member is the sign, where a release number would miss
+/// backports.
+pub fn counts_kprobe_skips(btf: &KernelBtf) -> bool {
+    btf.member_offset("bpf_link_info.perf_event.kprobe.missed")
+        .is_ok()
+}
+
 /// Every struct offset of [`Config`], with `reason_netfilter_drop` left 0.
 pub fn resolve_layout(btf: &KernelBtf) -> Result<Config, BtfError> {
     let off = |path: &str| btf.member_offset(path);
@@ -1076,6 +1086,50 @@ mod tests {
     }
 
     // ----- Member walking. ---------------------------------------------------
+
+    /// `bpf_link_info` as 6.7 shaped it: `perf_event` in an anonymous
+    /// union, `kprobe` in another inside it; before 6.7 `kprobe` had no
+    /// `missed`.
+    fn link_info(missed: bool) -> Builder {
+        let mut b = Builder::base();
+        let u32_ = b.int("unsigned int", 4, false);
+        let u64_ = b.int("long long unsigned int", 8, false);
+        let mut kprobe_members = vec![("offset", u32_, 0, 0), ("addr", u64_, 64, 0)];
+        if missed {
+            kprobe_members.push(("missed", u64_, 128, 0));
+        }
+        let kprobe = b.strukt("", 24, &kprobe_members);
+        let uprobe = b.strukt("", 8, &[("offset", u32_, 0, 0)]);
+        let which = b.union(
+            "",
+            24,
+            &[("uprobe", uprobe, 0, 0), ("kprobe", kprobe, 0, 0)],
+        );
+        let perf_event = b.strukt("", 32, &[("type", u32_, 0, 0), ("", which, 64, 0)]);
+        let raw_tp = b.strukt("", 8, &[("tp_name", u64_, 0, 0)]);
+        let info = b.union(
+            "",
+            32,
+            &[
+                ("raw_tracepoint", raw_tp, 0, 0),
+                ("perf_event", perf_event, 0, 0),
+            ],
+        );
+        b.strukt(
+            "bpf_link_info",
+            48,
+            &[("type", u32_, 0, 0), ("", info, 128, 0)],
+        );
+        b
+    }
+
+    #[test]
+    fn kprobe_skips_are_counted_where_kprobe_links_count_misses() {
+        let (_dir, new) = kernel_from(&link_info(true), None, "link-new");
+        assert!(counts_kprobe_skips(&new));
+        let (_dir, old) = kernel_from(&link_info(false), None, "link-old");
+        assert!(!counts_kprobe_skips(&old));
+    }
 
     #[test]
     fn nested_anonymous_unions_and_structs() {

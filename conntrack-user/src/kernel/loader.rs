@@ -76,6 +76,10 @@ pub struct Loaded {
     pub mode: Mode,
     pub attached: Vec<&'static str>,
     pub release: String,
+    /// Whether the kernel counts every run of these programs it skips
+    /// (`recursion_misses`): kprobes' only from 6.7. A raw tracepoint's
+    /// program either is counted or, before 6.2, runs nested instead.
+    pub skips_counted: bool,
 }
 
 /// Formats an error with its whole `source()` chain on one line.
@@ -171,10 +175,12 @@ pub fn load(req: &LoadRequest) -> Result<Loaded, LoadError> {
         .iter()
         .map(|&mode| (mode, plan(mode, req, &kbtf, &release)))
         .collect();
+    let kprobe_skips_counted = btf::counts_kprobe_skips(&kbtf);
     drop(kbtf);
     let mut tried = Vec::new();
     for (mode, plan) in plans {
-        match plan.and_then(|config| load_mode(mode, &config, &release)) {
+        let skips_counted = mode == Mode::Tracepoint || kprobe_skips_counted;
+        match plan.and_then(|config| load_mode(mode, &config, &release, skips_counted)) {
             Ok(l) => return Ok(l),
             // A forced mode reports its own failure as is.
             Err(e) if req.mode.is_some() => return Err(e),
@@ -281,7 +287,12 @@ fn plan(
     Ok(config)
 }
 
-fn load_mode(mode: Mode, config: &Config, release: &str) -> Result<Loaded, LoadError> {
+fn load_mode(
+    mode: Mode,
+    config: &Config,
+    release: &str,
+    skips_counted: bool,
+) -> Result<Loaded, LoadError> {
     let counts = count_capacity();
     let mut ebpf = EbpfLoader::new()
         .override_global("CONFIG", config, true)
@@ -321,6 +332,7 @@ fn load_mode(mode: Mode, config: &Config, release: &str) -> Result<Loaded, LoadE
         mode,
         attached,
         release: release.to_string(),
+        skips_counted,
     })
 }
 

@@ -33,6 +33,19 @@ impl KernelStats {
     pub fn get(&self, idx: u32) -> u64 {
         self.0[idx as usize]
     }
+    /// Returns the kernel's kretprobes missed, over the three probed
+    /// functions.
+    pub fn returns_missed(&self) -> u64 {
+        [
+            stat::MISSED_CONFIRM,
+            stat::MISSED_EARLY_DROP,
+            stat::MISSED_CLASH,
+        ]
+        .map(|i| self.get(i))
+        .iter()
+        .sum()
+    }
+
     /// Counter growth since `earlier`.
     pub fn since(&self, earlier: &KernelStats) -> KernelStats {
         let mut out = [0u64; stat::COUNT as usize];

@@ -1,10 +1,11 @@
 //! The kernel's own counters of the attached programs: the runs it skipped
-//! (`recursion_misses`, 5.12+). A raw tracepoint's program is skipped when
-//! it is already running on that CPU (an interrupt's softirq freeing an
-//! skb inside a drop's run, say), a kprobe's when any BPF program is; no
-//! program sees the event, so only this counter can report it. aya 0.14
-//! reads the program info but does not expose this field, so this is
-//! `bpf(2)` itself.
+//! (`recursion_misses`, a field since 5.12). A raw tracepoint's program is
+//! skipped when it is already running on that CPU (an interrupt's softirq
+//! freeing an skb inside a drop's run, say), counted from 6.2; before, it
+//! ran nested instead. A kprobe's is skipped while any BPF program runs,
+//! counted only from 6.7 (`Loaded::skips_counted`). No program sees the
+//! event, so only this counter can report it. aya 0.14 reads the program
+//! info but does not expose this field, so this is `bpf(2)` itself.
 use std::{
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd},

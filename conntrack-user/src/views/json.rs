@@ -96,7 +96,7 @@ impl Report {
                 confirm_returns_missed: stats.get(stat::MISSED_CONFIRM),
                 early_drop_returns_missed: stats.get(stat::MISSED_EARLY_DROP),
                 clash_returns_missed: stats.get(stat::MISSED_CLASH),
-                program_runs_skipped: stats.get(stat::RUNS_SKIPPED),
+                program_runs_skipped: s.skips_counted.then(|| stats.get(stat::RUNS_SKIPPED)),
             },
         }
     }
@@ -135,9 +135,10 @@ pub struct ReportCounters {
     pub clash_returns_missed: u64,
     /// Runs of ctwatch's programs that the kernel skipped because a BPF
     /// program was already running on that CPU (the programs'
-    /// `recursion_misses`, 5.12+): each may be a drop, creation or free
-    /// no count saw.
-    pub program_runs_skipped: u64,
+    /// `recursion_misses`): each may be a drop, creation or free no count
+    /// saw. Null where the kernel does not count them all (kprobe mode
+    /// before 6.7).
+    pub program_runs_skipped: Option<u64>,
 }
 
 /// One process row as it appears on a drop line.

@@ -61,8 +61,9 @@ pub(crate) struct Exported {
     /// since start, for `__nf_conntrack_confirm`, `early_drop` and
     /// `nf_ct_resolve_clash`.
     pub(crate) returns_missed: [u64; 3],
-    /// Runs of ctwatch's programs the kernel skipped since start.
-    pub(crate) runs_skipped: u64,
+    /// Runs of ctwatch's programs the kernel skipped since start, where
+    /// it counts them all.
+    pub(crate) runs_skipped: Option<u64>,
     /// Victims: table-full drops since start.
     pub(crate) drops_by: Breakdown,
     /// Culprits: entries held now.
@@ -82,7 +83,7 @@ impl Default for Exported {
             evictions: 0,
             clashes: 0,
             returns_missed: [0; 3],
-            runs_skipped: 0,
+            runs_skipped: None,
             drops_by: empty.clone(),
             entries_by: empty,
             entries_at: None,
@@ -111,7 +112,7 @@ impl Exported {
                 s.stats.get(stat::MISSED_EARLY_DROP),
                 s.stats.get(stat::MISSED_CLASH),
             ],
-            runs_skipped: s.stats.get(stat::RUNS_SKIPPED),
+            runs_skipped: s.skips_counted.then(|| s.stats.get(stat::RUNS_SKIPPED)),
             drops_by: breakdown(&s.victims, s.unattributed, top),
             entries_by: BreakdownBuilder::of(held, s.held.as_ref().map_or(0, |o| o.unkeyed))
                 .finish(top),
@@ -310,12 +311,15 @@ impl Collector for Latest {
             "Events lost to a full ring buffer or refused by the decoder since start",
             v.lost_events,
         )?;
-        single(
-            e,
-            "ctwatch_program_runs_skipped",
-            "Runs of ctwatch's programs the kernel skipped since start because a BPF program was already running on that CPU: each may be a drop, creation or free no count saw",
-            v.runs_skipped,
-        )?;
+        // Absent, not 0, where the kernel does not count them all.
+        if let Some(n) = v.runs_skipped {
+            single(
+                e,
+                "ctwatch_program_runs_skipped",
+                "Runs of ctwatch's programs the kernel skipped since start because a BPF program was already running on that CPU: each may be a drop, creation or free no count saw",
+                n,
+            )?;
+        }
         if self.sees_entries {
             single(
                 e,
@@ -465,7 +469,7 @@ mod tests {
             evictions: 9,
             clashes: 1,
             returns_missed: [5, 0, 2],
-            runs_skipped: 6,
+            runs_skipped: Some(6),
             drops_by: drops.finish(top),
             entries_by: occ.finish(top),
             entries_at: Instant::now().checked_sub(std::time::Duration::from_secs(40)),
@@ -589,6 +593,16 @@ mod tests {
             lines_of(&t, "ctwatch_nf_conntrack_entries").is_empty(),
             "{t}"
         );
+    }
+
+    #[test]
+    fn uncounted_skips_are_absent_not_zero() {
+        let m = Metrics::new(Some(Mode::Kprobe), "6.1.0-test");
+        let mut s = sample(3, 1);
+        s.runs_skipped = None;
+        m.publish(s);
+        let t = m.encode(Format::Prometheus).unwrap();
+        assert!(!t.contains("ctwatch_program_runs_skipped"), "{t}");
     }
 
     #[test]

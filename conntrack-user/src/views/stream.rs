@@ -132,22 +132,14 @@ impl Stream {
         } else if fresh_lost > 0 {
             eprintln!("ctwatch: {fresh_lost} events lost to a full ring buffer in the last second");
         }
-        let unseen: u64 = [
-            stat::RUNS_SKIPPED,
-            stat::MISSED_CONFIRM,
-            stat::MISSED_EARLY_DROP,
-            stat::MISSED_CLASH,
-        ]
-        .map(|i| s.stats.get(i))
-        .iter()
-        .sum();
+        let unseen = s.stats.get(stat::RUNS_SKIPPED) + s.stats.returns_missed();
         let fresh_unseen = unseen.saturating_sub(self.unseen_before);
         self.unseen_before = unseen;
         if fresh_unseen > 0 {
             // Neither a line nor a count can show these: say so where the
             // lines go on.
             eprintln!(
-                "ctwatch: {fresh_unseen} kernel calls in the last second were not seen whole (program runs the kernel skipped, kretprobe returns it missed): records among them may be missing"
+                "ctwatch: {fresh_unseen} program runs skipped or kretprobe returns missed by the kernel in the last second: records among them may be missing"
             );
         }
         self.shown = 0;

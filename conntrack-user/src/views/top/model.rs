@@ -607,14 +607,7 @@ impl Model {
                 freed: s
                     .sees_entries
                     .then(|| s.stats.get(conntrack_ebpf::stat::FREED)),
-                returns_missed: [
-                    conntrack_ebpf::stat::MISSED_CONFIRM,
-                    conntrack_ebpf::stat::MISSED_EARLY_DROP,
-                    conntrack_ebpf::stat::MISSED_CLASH,
-                ]
-                .map(|i| s.stats.get(i))
-                .iter()
-                .sum(),
+                returns_missed: s.stats.returns_missed(),
                 runs_skipped: s.stats.get(conntrack_ebpf::stat::RUNS_SKIPPED),
             },
         };
