@@ -8,7 +8,10 @@ use conntrack_ebpf::stat;
 use crate::{
     aggregate::sampler::Sample,
     names::resolver::Process,
-    source::records::{FlowRecord, Kind},
+    source::{
+        maps::KernelStats,
+        records::{FlowRecord, Kind},
+    },
     views::{json, text},
 };
 
@@ -44,13 +47,9 @@ pub(crate) struct Stream {
     /// Drops printed one by one since the last summary.
     shown: u64,
     second: u64,
-    /// The kernel's lost and not-streamed totals at the last summary: a
-    /// summary reports one second's worth.
-    lost_before: u64,
-    not_streamed_before: u64,
-    /// Likewise the calls no record could come from: runs the kernel
-    /// skipped and kretprobe returns it missed.
-    unseen_before: u64,
+    /// The kernel's counters at the end of the previous second: a summary
+    /// and the notes report one second's worth.
+    before: KernelStats,
 }
 
 impl Stream {
@@ -63,9 +62,7 @@ impl Stream {
             lines: LineBudget::default(),
             shown: 0,
             second: 0,
-            lost_before: 0,
-            not_streamed_before: 0,
-            unseen_before: 0,
+            before: KernelStats::default(),
         }
     }
 
@@ -112,15 +109,14 @@ impl Stream {
     pub(crate) fn end_second(&mut self, s: &Sample, top: usize) {
         self.second += 1;
         let drops: u64 = s.victims.iter().map(|c| c.fresh).sum();
-        let (lost, not_streamed) = (s.stats.get(stat::RB_LOST), s.stats.get(stat::SAMPLED));
-        let fresh_lost = lost - self.lost_before;
-        let fresh_not_streamed = not_streamed - self.not_streamed_before;
-        (self.lost_before, self.not_streamed_before) = (lost, not_streamed);
+        let fresh = s.stats.since(&self.before);
+        self.before = s.stats;
+        let fresh_lost = fresh.get(stat::RB_LOST);
         if drops > self.shown {
             let line = json::SummaryLine::of(
                 s,
                 self.shown,
-                fresh_not_streamed,
+                fresh.get(stat::SAMPLED),
                 fresh_lost,
                 top.min(SUMMARY_TOP),
             );
@@ -132,9 +128,7 @@ impl Stream {
         } else if fresh_lost > 0 {
             eprintln!("ctwatch: {fresh_lost} events lost to a full ring buffer in the last second");
         }
-        let unseen = s.stats.get(stat::RUNS_SKIPPED) + s.stats.returns_missed();
-        let fresh_unseen = unseen.saturating_sub(self.unseen_before);
-        self.unseen_before = unseen;
+        let fresh_unseen = fresh.get(stat::RUNS_SKIPPED) + fresh.returns_missed();
         if fresh_unseen > 0 {
             // Neither a line nor a count can show these: say so where the
             // lines go on.
