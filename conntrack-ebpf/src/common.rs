@@ -88,7 +88,7 @@ pub unsafe fn zero_words(p: *mut u64, n: usize) {
 }
 
 #[map]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::KERNEL_COUNT, 0);
 
 /// Per-CPU counts by attribution key and kind (drops, new entries,
 /// evictions, clashes), double-buffered: programs add to the map `GEN`

@@ -87,6 +87,9 @@ pub mod stat {
     /// summed by userspace from their info; no program writes this slot.
     pub const RUNS_SKIPPED: u32 = 16;
     pub const COUNT: u32 = 17;
+    /// The slots the programs write, before the userspace-filled ones:
+    /// the size of the `STATS` map.
+    pub const KERNEL_COUNT: u32 = RUNS_SKIPPED;
 }
 
 /// Age past which a probe's entry state that its kretprobe never cleared

@@ -208,7 +208,8 @@ impl KernelSource {
 
     pub fn stats(&self) -> Result<KernelStats, SourceError> {
         let mut out = [0u64; stat::COUNT as usize];
-        for (i, o) in out.iter_mut().enumerate() {
+        // The programs' slots; the rest are filled below.
+        for (i, o) in out[..stat::KERNEL_COUNT as usize].iter_mut().enumerate() {
             let v = self
                 .stats
                 .get(&(i as u32), 0)
