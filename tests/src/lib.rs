@@ -970,18 +970,29 @@ pub fn programs_held_by(pid: u32) -> Vec<u32> {
     ids
 }
 
-/// Which of these program IDs `bpftool prog list` still shows.
-pub fn still_loaded(ids: &[u32]) -> Vec<u32> {
+/// Every loaded program, as `bpftool prog show` describes it. A failed
+/// bpftool fails the test: an empty listing would pass every "nothing
+/// left" check.
+fn bpftool_programs() -> Vec<Value> {
     let out = Command::new("bpftool")
-        .args(["prog", "list"])
+        .args(["--json", "prog", "show"])
         .output()
         .expect("bpftool");
-    // An empty listing would pass every "nothing left" check.
-    assert!(out.status.success(), "bpftool prog list: {out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bpftool prog show: {out:?}");
+    let progs: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    progs.as_array().expect("a program list").clone()
+}
+
+fn has_id(p: &Value, id: u32) -> bool {
+    p["id"].as_u64() == Some(u64::from(id))
+}
+
+/// Which of these program IDs bpftool still lists.
+pub fn still_loaded(ids: &[u32]) -> Vec<u32> {
+    let progs = bpftool_programs();
     ids.iter()
         .copied()
-        .filter(|id| text.lines().any(|l| l.starts_with(&format!("{id}: "))))
+        .filter(|id| progs.iter().any(|p| has_id(p, *id)))
         .collect()
 }
 
@@ -994,25 +1005,28 @@ pub fn kernel_version() -> (u32, u32) {
     (it.next().expect("major"), it.next().expect("minor"))
 }
 
-/// Runs the kernel skipped (its `recursion_misses`) of the programs in
-/// `ids`, summed: bpftool leaves the field out while it is 0, and before
-/// 5.12. Read it while the programs' holder runs: each must be listed.
-pub fn runs_skipped(ids: &[u32]) -> u64 {
-    let out = Command::new("bpftool")
-        .args(["--json", "prog", "show"])
-        .output()
-        .expect("bpftool");
-    assert!(out.status.success(), "bpftool prog show: {out:?}");
-    let progs: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
-    let progs = progs.as_array().expect("a program list");
+/// What `bpftool prog show` says of each program in `ids`, in that order.
+/// Read it while the programs' holder runs: each must be listed.
+pub fn programs_info(ids: &[u32]) -> Vec<Value> {
+    let progs = bpftool_programs();
     ids.iter()
         .map(|id| {
-            let p = progs
+            progs
                 .iter()
-                .find(|p| p["id"].as_u64() == Some(u64::from(*id)))
-                .unwrap_or_else(|| panic!("program {id} is not loaded"));
-            p["recursion_misses"].as_u64().unwrap_or(0)
+                .find(|p| has_id(p, *id))
+                .unwrap_or_else(|| panic!("program {id} is not loaded"))
+                .clone()
         })
+        .collect()
+}
+
+/// Runs the kernel skipped (its `recursion_misses`) of the programs in
+/// `ids`, summed: bpftool leaves the field out while it is 0, and before
+/// 5.12.
+pub fn runs_skipped(ids: &[u32]) -> u64 {
+    programs_info(ids)
+        .iter()
+        .map(|p| p["recursion_misses"].as_u64().unwrap_or(0))
         .sum()
 }
 

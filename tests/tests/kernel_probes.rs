@@ -541,16 +541,8 @@ fn row_count(r: &Value, ns: &Netns) -> u64 {
 /// Runs of each program in `ids` so far (`bpftool prog show`; bpftool
 /// leaves the field out while it is 0), by name.
 fn run_counts(ids: &[u32]) -> Vec<(String, u64)> {
-    let out = sh(&["bpftool", "--json", "prog", "show"]);
-    let progs: Value = serde_json::from_str(&out).expect("bpftool JSON");
-    let mut counts: Vec<(String, u64)> = progs
-        .as_array()
-        .expect("a program list")
+    let mut counts: Vec<(String, u64)> = programs_info(ids)
         .iter()
-        .filter(|p| {
-            ids.iter()
-                .any(|id| p["id"].as_u64() == Some(u64::from(*id)))
-        })
         .map(|p| {
             let name = p["name"].as_str().unwrap_or("?").to_string();
             (name, p["run_cnt"].as_u64().unwrap_or(0))
@@ -853,8 +845,7 @@ fn missed_probe_returns_equal_the_kernels_run_counts() {
     std::thread::sleep(Duration::from_millis(2500));
     let after = run_counts(&ids);
     // What the kernel says of the confirm programs, read while they exist.
-    let progs: Value =
-        serde_json::from_str(&sh(&["bpftool", "--json", "prog", "show"])).expect("bpftool JSON");
+    let progs = programs_info(&ids);
     let skipped = runs_skipped(&ids);
     let r = w.report();
     eprintln!(
@@ -886,8 +877,6 @@ fn missed_probe_returns_equal_the_kernels_run_counts() {
     let counted = r["new_flows"]["total"].as_u64().unwrap();
     assert!(counted + missed <= created, "{r}");
     let confirm: Vec<&Value> = progs
-        .as_array()
-        .expect("a program list")
         .iter()
         .filter(|p| {
             p["name"]
