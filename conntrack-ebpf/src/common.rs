@@ -353,7 +353,7 @@ pub fn aggregate(ev: &FlowEvent) -> bool {
 /// another CPU counts goes to "other" for its drops on a CPU past its cap;
 /// the totals stay exact either way.
 #[inline(always)]
-pub fn count_key(key: &AggKey, sport: u16) -> bool {
+fn count_key(key: &AggKey, sport: u16) -> bool {
     let gen = GEN.get(0).copied().unwrap_or(0);
     let map = if gen & 1 == 0 { &COUNTS_A } else { &COUNTS_B };
     let (Some(ins), Some(seen)) = (INSERTED.get_ptr_mut(0), SEEN.get_ptr_mut(0)) else {

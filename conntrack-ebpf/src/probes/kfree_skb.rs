@@ -14,7 +14,7 @@ use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use conntrack_ebpf::{kind, stat, FlowEvent};
 
 use crate::{
-    common::{bump, coarse_ns, conf, count_key, emit, key_of, may_stream, now_ns, scratch_event},
+    common::{aggregate, bump, coarse_ns, conf, emit, may_stream, now_ns, scratch_event},
     skb,
 };
 
@@ -48,7 +48,7 @@ fn try_kfree_skb(skb: u64) -> Result<(), i32> {
     skb::context(&f, ev, now);
     let decoded = skb::tuple(&f, ev);
     // Count before streaming: totals stay exact even if the ring buffer is full.
-    let first = count_key(&key_of(ev), ev.tuple.sport);
+    let first = aggregate(ev);
     if may_stream(now, first) {
         ev.ts_ns = now_ns();
         skb::lazy(&f, ev);
