@@ -1030,14 +1030,11 @@ pub fn runs_skipped(ids: &[u32]) -> u64 {
         .sum()
 }
 
-/// IDs of loaded BPF programs whose name matches one of ctwatch's.
-pub fn ctwatch_programs() -> Vec<String> {
-    let out = Command::new("bpftool").args(["prog", "list"]).output();
-    let Ok(out) = out else { return vec![] };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(" name ctw_"))
-        .map(str::to_string)
+/// The loaded BPF programs named like ctwatch's, as bpftool describes them.
+pub fn ctwatch_programs() -> Vec<Value> {
+    bpftool_programs()
+        .into_iter()
+        .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("ctw_")))
         .collect()
 }
 
