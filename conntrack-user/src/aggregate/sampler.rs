@@ -18,7 +18,7 @@ use crate::{
     names::resolver::{Flow, Process},
     session::{Session, SessionError},
     source::{
-        maps::{Drained, KernelStats},
+        maps::{Drained, KernelStats, RETURN_PROBES},
         netns::NetnsInfo,
         records::{self, AggRecord, FlowRecord, Kind},
     },
@@ -186,25 +186,16 @@ pub(crate) struct Sample {
 /// one for program runs the kernel skipped: what each may have taken out
 /// of the counts.
 fn unseen_calls(stats: &KernelStats) -> Vec<String> {
-    [
-        (
-            stat::MISSED_CONFIRM,
-            "__nf_conntrack_confirm",
-            "entries created that new entries, inserts and occupancy do not count",
-        ),
-        (
-            stat::MISSED_EARLY_DROP,
-            "early_drop",
-            "table-full drops among them are missing from the drop counts",
-        ),
-        (
-            stat::MISSED_CLASH,
-            "nf_ct_resolve_clash",
-            "clashes among them are missing from the clash counts",
-        ),
-    ]
-    .into_iter()
-    .filter_map(|(idx, function, what)| {
+    // In `RETURN_PROBES`' order.
+    let what = [
+        "entries created that new entries, inserts and occupancy do not count",
+        "table-full drops among them are missing from the drop counts",
+        "clashes among them are missing from the clash counts",
+    ];
+    RETURN_PROBES
+        .iter()
+        .zip(what)
+        .filter_map(|(&(idx, function), what)| {
         let n = stats.get(idx);
         (n > 0).then(|| {
             format!("missed returns of {function}: {n} (kretprobe instances exhausted); {what}")
@@ -225,6 +216,13 @@ impl Sample {
     /// of the namespaces in it.
     pub(crate) fn evictions(&self) -> u64 {
         self.host_or_scoped(stat::EVICTIONS, &self.evicted)
+    }
+
+    /// Runs of ctwatch's programs the kernel skipped since start, where it
+    /// counts them all (see `Loaded::skips_counted`).
+    pub(crate) fn runs_skipped(&self) -> Option<u64> {
+        self.skips_counted
+            .then(|| self.stats.get(stat::RUNS_SKIPPED))
     }
 
     /// Insert clashes since start, as [`Sample::evictions`].

@@ -25,6 +25,14 @@ pub enum SourceError {
     Io(#[from] std::io::Error),
 }
 
+/// The kernel functions probed by a kprobe/kretprobe pair, each with the
+/// slot of its missed returns.
+pub const RETURN_PROBES: [(u32, &str); 3] = [
+    (stat::MISSED_CONFIRM, "__nf_conntrack_confirm"),
+    (stat::MISSED_EARLY_DROP, "early_drop"),
+    (stat::MISSED_CLASH, "nf_ct_resolve_clash"),
+];
+
 /// Kernel counters summed over CPUs, indexed by `conntrack_ebpf::stat`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KernelStats(pub [u64; stat::COUNT as usize]);
@@ -33,17 +41,9 @@ impl KernelStats {
     pub fn get(&self, idx: u32) -> u64 {
         self.0[idx as usize]
     }
-    /// Returns the kernel's kretprobes missed, over the three probed
-    /// functions.
+    /// Returns the kernel's kretprobes missed, over the probed functions.
     pub fn returns_missed(&self) -> u64 {
-        [
-            stat::MISSED_CONFIRM,
-            stat::MISSED_EARLY_DROP,
-            stat::MISSED_CLASH,
-        ]
-        .map(|i| self.get(i))
-        .iter()
-        .sum()
+        RETURN_PROBES.iter().map(|(i, _)| self.get(*i)).sum()
     }
 
     /// Counter growth since `earlier`.

@@ -96,7 +96,7 @@ impl Report {
                 confirm_returns_missed: stats.get(stat::MISSED_CONFIRM),
                 early_drop_returns_missed: stats.get(stat::MISSED_EARLY_DROP),
                 clash_returns_missed: stats.get(stat::MISSED_CLASH),
-                program_runs_skipped: s.skips_counted.then(|| stats.get(stat::RUNS_SKIPPED)),
+                program_runs_skipped: s.runs_skipped(),
             },
         }
     }

@@ -12,7 +12,6 @@ use std::{
     time::Instant,
 };
 
-use conntrack_ebpf::stat;
 use prometheus_client::{
     collector::Collector,
     encoding::{
@@ -29,6 +28,7 @@ use crate::{
         sampler::{Count, Sample},
     },
     kernel::compat::Mode,
+    source::maps::RETURN_PROBES,
     views::label::Label,
 };
 
@@ -107,12 +107,8 @@ impl Exported {
             lost_events: s.lost_events,
             evictions: s.evictions(),
             clashes: s.clashes(),
-            returns_missed: [
-                s.stats.get(stat::MISSED_CONFIRM),
-                s.stats.get(stat::MISSED_EARLY_DROP),
-                s.stats.get(stat::MISSED_CLASH),
-            ],
-            runs_skipped: s.skips_counted.then(|| s.stats.get(stat::RUNS_SKIPPED)),
+            returns_missed: RETURN_PROBES.map(|(i, _)| s.stats.get(i)),
+            runs_skipped: s.runs_skipped(),
             drops_by: breakdown(&s.victims, s.unattributed, top),
             entries_by: BreakdownBuilder::of(held, s.held.as_ref().map_or(0, |o| o.unkeyed))
                 .finish(top),
@@ -151,13 +147,6 @@ impl Format {
         }
     }
 }
-
-/// The kernel functions of `Exported::returns_missed`, in its order.
-const RETURN_PROBES: [&str; 3] = [
-    "__nf_conntrack_confirm",
-    "early_drop",
-    "nf_ct_resolve_clash",
-];
 
 /// The dimensions every top-K family is broken down by: the victim's or
 /// culprit's port, source, process and namespace, both ends of the flow
@@ -344,7 +333,7 @@ impl Collector for Latest {
                 RETURN_PROBES
                     .iter()
                     .zip(v.returns_missed)
-                    .map(|(f, n)| (vec![("function", f.to_string())], n)),
+                    .map(|((_, f), n)| (vec![("function", f.to_string())], n)),
             )?;
         }
         family(e, "ctwatch_table_full_drops_by", "Table-full drops since start by victim, top K per dimension, the rest under key=\"other\"", Counter, by_series(&v.drops_by))?;
