@@ -263,23 +263,17 @@ fn footer(f: &mut Frame, area: Rect, m: &Model, now: f64) {
             },
         ),
     ];
-    if ft.returns_missed > 0 {
-        // Only when there are some: a kprobe-mode loss, not a stream one.
-        spans.push(Span::raw("  ·  "));
-        spans.push(Span::styled("probe returns missed ", bold()));
-        spans.push(Span::styled(
-            ft.returns_missed.to_string(),
-            Style::default().fg(Color::Red),
-        ));
-    }
-    if ft.runs_skipped > 0 {
-        // Only when there are some: calls no program saw at all.
-        spans.push(Span::raw("  ·  "));
-        spans.push(Span::styled("runs skipped ", bold()));
-        spans.push(Span::styled(
-            ft.runs_skipped.to_string(),
-            Style::default().fg(Color::Red),
-        ));
+    // Only when there are some: calls the kernel kept from the programs,
+    // not records lost on the way.
+    for (label, n) in [
+        ("probe returns missed ", ft.returns_missed),
+        ("runs skipped ", ft.runs_skipped),
+    ] {
+        if n > 0 {
+            spans.push(Span::raw("  ·  "));
+            spans.push(Span::styled(label, bold()));
+            spans.push(Span::styled(n.to_string(), Style::default().fg(Color::Red)));
+        }
     }
     if let Some(fr) = ft.freed_per_s {
         spans.push(Span::raw("  ·  "));
